@@ -1,0 +1,24 @@
+"""Fused hypercolumn operators (Hariharan et al., CVPR 2015) for PyTorch.
+
+``sparse_hypercolumn``, ``box_hypercolumn``, ``fused_hypercolumn`` and
+``fused_hypercolumn_points`` sample many CNN layers at points or on box grids, bilinearly, and
+(fused) classify the hypercolumns with location-specific classifiers, without upsampling any
+layer to image size. See ``../shared/CONTRACT.md`` (the project's contract) and the README.
+"""
+
+from . import _native  # noqa: F401  (loads and registers the compiled operators when built)
+from .backends import available_backends, use_backend
+from .ops import (box_hypercolumn, fused_hypercolumn, fused_hypercolumn_points, set_value_checks,
+                  sparse_hypercolumn)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "box_hypercolumn",
+    "fused_hypercolumn",
+    "fused_hypercolumn_points",
+    "set_value_checks",
+    "sparse_hypercolumn",
+    "use_backend",
+]

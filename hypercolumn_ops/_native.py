@@ -1,0 +1,189 @@
+"""The ``"native"`` backend: the compiled operators of ``csrc/``, their fake (meta) kernels and
+their autograd formulas.
+
+Importing this module loads ``hypercolumn_ops._C``. A package installed without building it
+(a plain copy of the sources) runs on the other backends; an extension built against another
+torch than the one running is refused with an ImportError that says how to rebuild.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C
+except ImportError as error:
+    if "No module named" not in str(error):
+        raise ImportError(
+            f"hypercolumn_ops: the compiled extension failed to load ({error}). It was probably built "
+            f"against another torch than {torch.__version__}; rebuild it with "
+            f"`pip install --no-build-isolation -e .`") from error
+    _C = None
+
+BUILD_INFO = _C.build_info() if _C is not None else None
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+if BUILD_INFO is not None and _major_minor(BUILD_INFO["torch_version"]) != _major_minor(torch.__version__):
+    raise ImportError(
+        f"hypercolumn_ops: the compiled extension was built against torch {BUILD_INFO['torch_version']} "
+        f"but torch {torch.__version__} is running; rebuild it with `pip install --no-build-isolation -e .`")
+
+
+def available(device_type: str) -> bool:
+    """Whether the compiled kernels exist for ``device_type``."""
+    if BUILD_INFO is None:
+        return False
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and BUILD_INFO["with_cuda"] and torch.cuda.is_available()
+
+
+def sparse_hypercolumn(features: List[Tensor], points: Tensor, scale_y: List[float], scale_x: List[float],
+                       padding: int) -> Tensor:
+    return torch.ops.hypercolumn_ops.sparse_hypercolumn(features, points, scale_y, scale_x, padding)
+
+
+def box_hypercolumn(features: List[Tensor], boxes: Tensor, output_height: int, output_width: int,
+                    scale_y: List[float], scale_x: List[float], padding: int) -> Tensor:
+    return torch.ops.hypercolumn_ops.box_hypercolumn(features, boxes, output_height, output_width, scale_y,
+                                                     scale_x, padding)
+
+
+def fused_hypercolumn(features: List[Tensor], boxes: Tensor, weights: List[Tensor], bias: Optional[Tensor],
+                      labels: Optional[Tensor], output_height: int, output_width: int, scale_y: List[float],
+                      scale_x: List[float], padding: int, activation: int, orders: List[int]) -> Tensor:
+    return torch.ops.hypercolumn_ops.fused_hypercolumn(features, boxes, weights, bias, labels, output_height,
+                                                       output_width, scale_y, scale_x, padding, activation,
+                                                       orders)
+
+
+def fused_hypercolumn_points(features: List[Tensor], points: Tensor, locations: Optional[Tensor],
+                             weights: List[Tensor], bias: Optional[Tensor], labels: Optional[Tensor],
+                             scale_y: List[float], scale_x: List[float], padding: int, activation: int,
+                             orders: List[int]) -> Tensor:
+    return torch.ops.hypercolumn_ops.fused_hypercolumn_points(features, points, locations, weights, bias, labels,
+                                                              scale_y, scale_x, padding, activation, orders)
+
+
+def _register() -> None:
+    """Fake kernels (shapes only) and autograd formulas of the compiled operators."""
+    lib = "hypercolumn_ops::"
+
+    def empty_features_like(features):
+        return [torch.empty_like(f) for f in features]
+
+    @torch.library.register_fake(lib + "sparse_hypercolumn")
+    def _(features, points, scale_y, scale_x, padding):
+        torch._check(points.dim() == 2 and points.shape[1] == 3, lambda: "points: expected (N, 3)")
+        channels = sum(f.shape[1] for f in features)
+        return features[0].new_empty((points.shape[0], channels))
+
+    @torch.library.register_fake(lib + "sparse_hypercolumn_backward")
+    def _(grad, features, points, scale_y, scale_x, padding):
+        return empty_features_like(features)
+
+    @torch.library.register_fake(lib + "box_hypercolumn")
+    def _(features, boxes, output_height, output_width, scale_y, scale_x, padding):
+        torch._check(boxes.dim() == 2 and boxes.shape[1] == 5, lambda: "boxes: expected (R, 5)")
+        channels = sum(f.shape[1] for f in features)
+        return features[0].new_empty((boxes.shape[0], channels, output_height, output_width))
+
+    @torch.library.register_fake(lib + "box_hypercolumn_backward")
+    def _(grad, features, boxes, output_height, output_width, scale_y, scale_x, padding):
+        return empty_features_like(features)
+
+    @torch.library.register_fake(lib + "fused_hypercolumn")
+    def _(features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding,
+          activation, orders):
+        return features[0].new_empty((boxes.shape[0], weights[0].shape[2], output_height, output_width))
+
+    def fused_backward_fake(features, count, weights):
+        grad_bias = features[0].new_empty((count, weights[0].shape[1], weights[0].shape[2]))
+        return empty_features_like(features), [torch.empty_like(w) for w in weights], grad_bias
+
+    @torch.library.register_fake(lib + "fused_hypercolumn_backward")
+    def _(grad, features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x,
+          padding, activation, orders):
+        return fused_backward_fake(features, boxes.shape[0], weights)
+
+    @torch.library.register_fake(lib + "fused_hypercolumn_points")
+    def _(features, points, locations, weights, bias, labels, scale_y, scale_x, padding, activation, orders):
+        return features[0].new_empty((points.shape[0], weights[0].shape[2]))
+
+    @torch.library.register_fake(lib + "fused_hypercolumn_points_backward")
+    def _(grad, features, points, locations, weights, bias, labels, scale_y, scale_x, padding, activation,
+          orders):
+        return fused_backward_fake(features, points.shape[0], weights)
+
+    # Autograd: gradients flow to features, weights and bias; coordinates, locations and labels
+    # are constants, as in torchvision.ops.roi_align. Backward recomputes what forward sampled.
+    def keep_inputs(ctx, inputs, output):
+        # Tensors (also those inside lists, and None for absent optional tensors) go through
+        # save_for_backward; the rest of the arguments are plain values.
+        tensors, layout = [], []
+        for value in inputs:
+            if isinstance(value, (list, tuple)) and value and isinstance(value[0], Tensor):
+                layout.append(("list", len(value)))
+                tensors.extend(value)
+            elif value is None or isinstance(value, Tensor):
+                layout.append(("tensor", None))
+                tensors.append(value)
+            else:
+                layout.append(("value", value))
+        ctx.save_for_backward(*tensors)
+        ctx.layout = layout
+
+    def saved_inputs(ctx):
+        tensors = iter(ctx.saved_tensors)
+        inputs = []
+        for kind, value in ctx.layout:
+            if kind == "list":
+                inputs.append([next(tensors) for _ in range(value)])
+            elif kind == "tensor":
+                inputs.append(next(tensors))
+            else:
+                inputs.append(value)
+        return inputs
+
+    def sparse_backward(ctx, grad):
+        features, points, scale_y, scale_x, padding = saved_inputs(ctx)
+        grads = torch.ops.hypercolumn_ops.sparse_hypercolumn_backward(grad, features, points, scale_y, scale_x,
+                                                                      padding)
+        return grads, None, None, None, None
+
+    def box_backward(ctx, grad):
+        features, boxes, oh, ow, scale_y, scale_x, padding = saved_inputs(ctx)
+        grads = torch.ops.hypercolumn_ops.box_hypercolumn_backward(grad, features, boxes, oh, ow, scale_y,
+                                                                   scale_x, padding)
+        return grads, None, None, None, None, None, None
+
+    def fused_backward(ctx, grad):
+        inputs = saved_inputs(ctx)
+        grad_features, grad_weights, grad_bias = torch.ops.hypercolumn_ops.fused_hypercolumn_backward(
+            grad, *inputs)
+        bias = inputs[3]
+        return (grad_features, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None, None, None, None)
+
+    def fused_points_backward(ctx, grad):
+        inputs = saved_inputs(ctx)
+        grad_features, grad_weights, grad_bias = torch.ops.hypercolumn_ops.fused_hypercolumn_points_backward(
+            grad, *inputs)
+        bias = inputs[4]
+        return (grad_features, None, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "sparse_hypercolumn", sparse_backward, setup_context=keep_inputs)
+    torch.library.register_autograd(lib + "box_hypercolumn", box_backward, setup_context=keep_inputs)
+    torch.library.register_autograd(lib + "fused_hypercolumn", fused_backward, setup_context=keep_inputs)
+    torch.library.register_autograd(lib + "fused_hypercolumn_points", fused_points_backward,
+                                    setup_context=keep_inputs)
+
+
+if _C is not None:
+    _register()

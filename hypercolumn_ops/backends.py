@@ -1,0 +1,92 @@
+"""Backend selection: which implementation of the operators runs on a device.
+
+``"native"`` is the compiled ``TORCH_LIBRARY`` kernels (C++ on CPU, CUDA on GPU), ``"triton"``
+the Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``), ``"reference"``
+pure PyTorch on any device. Every backend module offers the same four functions over the
+normalised arguments of ``csrc/ops.cpp``.
+"""
+
+import contextlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Iterator, List, Optional, Union
+
+import torch
+
+NAMES = ("native", "triton", "reference")
+
+# A stack rather than a thread-local: torch.compile reads (and guards on) module globals.
+_forced: List[str] = []
+
+
+def _device_type(device: Union[str, torch.device]) -> str:
+    return torch.device(device).type
+
+
+def _native_available(device_type: str) -> bool:
+    from . import _native
+
+    return _native.available(device_type)
+
+
+def _triton_available(device_type: str) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
+    """Backends that can run on ``device``, best first (``"reference"`` is always last)."""
+    device_type = _device_type(device)
+    names = []
+    if _native_available(device_type):
+        names.append("native")
+    if _triton_available(device_type):
+        names.append("triton")
+    names.append("reference")
+    return names
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` for the operator calls inside the block.
+
+    Raises ``ValueError`` for an unknown name; a call inside the block raises ``ValueError`` if
+    the backend cannot run on its tensors' device.
+    """
+    if name not in NAMES:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(NAMES)}")
+    if name != "reference" and not any(name in available_backends(d) for d in ("cpu", "cuda")):
+        raise ValueError(f"use_backend: backend {name!r} is not available here "
+                         f"(available on cpu: {available_backends('cpu')})")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def current_backend() -> Optional[str]:
+    """The backend forced by the innermost ``use_backend`` block, or None."""
+    return _forced[-1] if _forced else None
+
+
+def backend_module(device: torch.device) -> ModuleType:
+    """The module implementing the operators for tensors on ``device``."""
+    name = current_backend()
+    available = available_backends(device)
+    if name is None:
+        name = available[0]
+    elif name not in available:
+        raise ValueError(f"use_backend: backend {name!r} cannot run on {device.type} tensors "
+                         f"(available: {available})")
+    if name == "native":
+        from . import _native as module
+    elif name == "triton":
+        from . import triton_backend as module
+    else:
+        from . import reference as module
+    return module

@@ -1,0 +1,63 @@
+"""The per-layer choice between the contract's two exact evaluation orders.
+
+A fused operator can evaluate layer ``l`` by
+
+- ``SAMPLE_FEATURES``: gather the four bilinear taps of all ``C_l`` channels at every point,
+  blend them, and take dot products with the (at most four) classifier cells whose location
+  weight is non-zero: about ``P * C_l * (4 + cells_hit * M)`` multiply-adds, all gathers; or
+- ``PROJECT_SCORES``: a 1x1 convolution of the whole map to ``NC * KK * M`` score channels
+  (``B * H_l * W_l * C_l * NC * KK * M`` multiply-adds of dense matrix product, which runs
+  several times faster per multiply-add than a gather), then sampling the score maps:
+  ``P * 4 * cells_hit * M`` gathered multiply-adds.
+
+The cheaper estimate wins. Backward costs scale the same way (the same gathers, or the same
+matrix products transposed), so the forward estimate decides both.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+SAMPLE_FEATURES = 0
+PROJECT_SCORES = 1
+
+# How many dense matrix-product multiply-adds cost as much as one gathered multiply-add.
+# CPU: a blocked GEMM runs near the FMA peak, a gather-and-blend loop is bound by loads.
+# CUDA: cuBLAS on tensor-core-free float32 still beats scattered loads by more.
+GEMM_SPEEDUP = {"cpu": 8.0, "cuda": 16.0}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The order chosen for one layer and the two estimates (gather-equivalent multiply-adds)."""
+
+    order: int
+    sample_cost: float
+    project_cost: float
+
+    @property
+    def name(self) -> str:
+        return "project_scores" if self.order == PROJECT_SCORES else "sample_features"
+
+
+def plan_layers(feature_shapes: Sequence[Sequence[int]], num_points: int, num_classes: int, cells: int,
+                outputs: int, device_type: str) -> List[LayerPlan]:
+    """Choose an order per layer.
+
+    Args:
+        feature_shapes: ``(B, C_l, H_l, W_l)`` of each layer.
+        num_points: points classified (``R * oh * ow`` for boxes, ``N`` for points).
+        num_classes: ``NC`` classifier sets (1 without labels).
+        cells: ``KK``, classifier cells per set.
+        outputs: ``M``, outputs per cell.
+        device_type: ``"cpu"`` or ``"cuda"``.
+    """
+    speedup = GEMM_SPEEDUP.get(device_type, GEMM_SPEEDUP["cuda"])
+    cells_hit = min(cells, 4)
+    plans = []
+    for batch, channels, height, width in feature_shapes:
+        sample = float(num_points) * channels * (4 + cells_hit * outputs)
+        project = (float(batch) * height * width * channels * num_classes * cells * outputs / speedup
+                   + float(num_points) * 4 * cells_hit * outputs)
+        order = PROJECT_SCORES if project < sample else SAMPLE_FEATURES
+        plans.append(LayerPlan(order, sample, project))
+    return plans

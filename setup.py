@@ -1,0 +1,50 @@
+"""Builds hypercolumn_ops._C: the C++ CPU kernels always, the CUDA kernels with a CUDA torch and nvcc.
+
+FORCE_CUDA=1 builds the CUDA sources even where no GPU is visible (nvcc is enough); FORCE_CUDA=0
+builds the CPU kernels only. Install with `pip install --no-build-isolation -e .`.
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None:
+        return force == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    with_cuda = want_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    cxx = ["-O3", *openmp]  # cpp_extension adds the C++ standard that this torch's headers need
+    macros = []
+    kind = CppExtension
+    extra = {"cxx": cxx}
+    if with_cuda and cuda_sources:
+        kind = CUDAExtension
+        sources += cuda_sources
+        macros.append(("HYPERCOLUMN_OPS_WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    print(f"hypercolumn_ops build: torch {torch.__version__}, CUDA kernels "
+          f"{'on (' + str(CUDA_HOME) + ')' if kind is CUDAExtension else 'off'}, OpenMP {'on' if openmp else 'off'}, "
+          f"{len(sources)} sources", flush=True)
+    return kind("hypercolumn_ops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
+                extra_compile_args=extra, extra_link_args=openmp)
+
+
+setup(
+    packages=find_packages(include=["hypercolumn_ops", "hypercolumn_ops.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+)
