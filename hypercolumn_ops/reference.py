@@ -117,6 +117,11 @@ def classify(column_chunks: Sequence[Tensor], weights: Sequence[Tensor], bias: O
     ``(N, KK, M)``, ``alpha`` is ``(N, KK)``. Returns ``(N, M)``.
     """
     acc = column_chunks[0].dtype
+    classes = weights[0].shape[0]
+    valid = None
+    if labels is not None:  # a label outside [0, NC) gives NaN outputs, like the kernels
+        valid = (labels >= 0) & (labels < classes)
+        labels = torch.where(valid, labels, torch.zeros_like(labels))
     scores = 0
     for column, weight in zip(column_chunks, weights):
         per_class = torch.einsum("nc,qkmc->nqkm", column, weight.to(acc))
@@ -124,6 +129,8 @@ def classify(column_chunks: Sequence[Tensor], weights: Sequence[Tensor], bias: O
             scores = scores + per_class[:, 0]
         else:
             scores = scores + per_class[torch.arange(column.shape[0], device=column.device), labels]
+    if valid is not None:
+        scores = torch.where(valid[:, None, None], scores, torch.full_like(scores, float("nan")))
     if bias is not None:
         scores = scores + bias.to(acc)
     if activation == ACTIVATION_SIGMOID:
