@@ -28,10 +28,16 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-if BUILD_INFO is not None and _major_minor(BUILD_INFO["torch_version"]) != _major_minor(torch.__version__):
-    raise ImportError(
-        f"hypercolumn_ops: the compiled extension was built against torch {BUILD_INFO['torch_version']} "
-        f"but torch {torch.__version__} is running; rebuild it with `pip install --no-build-isolation -e .`")
+def check_build(info: dict, running: str = torch.__version__) -> None:
+    """Raise ImportError if the extension was built against another torch than ``running``."""
+    if _major_minor(info["torch_version"]) != _major_minor(running):
+        raise ImportError(
+            f"hypercolumn_ops: the compiled extension was built against torch {info['torch_version']} "
+            f"but torch {running} is running; rebuild it with `pip install --no-build-isolation -e .`")
+
+
+if BUILD_INFO is not None:
+    check_build(BUILD_INFO)
 
 
 def available(device_type: str) -> bool:

@@ -274,3 +274,11 @@ def test_normalised_arguments():
     assert (oh, ow, padding, activation) == (5, 5, 1, 1)
     assert sy == [8 / 16, 4 / 16] and sx == [10 / 20, 5 / 20]
     assert len(orders) == 2
+
+
+def test_extension_built_for_another_torch_is_refused():
+    """A stale build must fail at import with the rebuild command, not crash in a kernel."""
+    from hypercolumn_ops import _native
+    with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
+        _native.check_build({"torch_version": "2.3.1", "with_cuda": False}, running="2.14.1+cu130")
+    _native.check_build({"torch_version": "2.14.1", "with_cuda": False}, running="2.14.1+cu130")
