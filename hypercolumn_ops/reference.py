@@ -29,7 +29,8 @@ def feature_axis(coord: Tensor, scale: float, size: int, padding: int) -> Tuple[
 
     Returns the lower and upper indices, the upper index's weight, and whether the point is
     inside (``padding="zeros"`` drops ``f < -1`` and ``f > size``). A non-finite coordinate
-    gets index 0 and a NaN weight.
+    gets index 0 and weight 0: callers turn its outputs into NaN (see ``hypercolumns``), and
+    it passes no gradient (a NaN weight would, as NaN * 0).
     """
     f = coord * scale - 0.5
     finite = torch.isfinite(f)
@@ -39,9 +40,7 @@ def feature_axis(coord: Tensor, scale: float, size: int, padding: int) -> Tuple[
     f = torch.where(finite, f, torch.zeros_like(f)).clamp(0, size - 1)
     lo = f.floor().long().clamp(max=size - 1)
     hi = (lo + 1).clamp(max=size - 1)
-    frac = f - lo.to(f.dtype)
-    frac = torch.where(finite, frac, torch.full_like(frac, float("nan")))
-    return lo, hi, frac, inside
+    return lo, hi, f - lo.to(f.dtype), inside
 
 
 def sample_layer(feature: Tensor, batch: Tensor, x: Tensor, y: Tensor, scale_y: float, scale_x: float,
@@ -61,7 +60,8 @@ def sample_layer(feature: Tensor, batch: Tensor, x: Tensor, y: Tensor, scale_y: 
 
 def location_weights(u: Tensor, v: Tensor, grid: int) -> Tensor:
     """Blend weights ``alpha`` ``(N, K*K)`` of the classifier cells: bilinear upsampling of a
-    one-hot ``K x K`` map at relative place ``(u, v)``, ``align_corners=False``."""
+    one-hot ``K x K`` map at relative place ``(u, v)``, ``align_corners=False``. Rows of
+    non-finite places are NaN."""
     ku0, ku1, lu, _ = feature_axis(u, grid, grid, PADDING_BORDER)
     kv0, kv1, lv, _ = feature_axis(v, grid, grid, PADDING_BORDER)
     alpha = torch.zeros(u.shape[0], grid * grid, dtype=u.dtype, device=u.device)
@@ -69,7 +69,8 @@ def location_weights(u: Tensor, v: Tensor, grid: int) -> Tensor:
                       (kv1, ku0, lv * (1 - lu)), (kv1, ku1, lv * lu)):
         alpha = alpha.index_put((torch.arange(u.shape[0], device=u.device), kv * grid + ku), w,
                                 accumulate=True)
-    return alpha
+    finite = (torch.isfinite(u) & torch.isfinite(v))[:, None]
+    return torch.where(finite, alpha, torch.full_like(alpha, float("nan")))
 
 
 def box_grid_points(boxes: Tensor, output_height: int, output_width: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -95,13 +96,19 @@ def batch_indices(values: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
     return index, valid
 
 
+def valid_points(batch_values: Tensor, x: Tensor, y: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
+    """Batch index of each point (clamped into range) and whether the point is valid: an
+    integer batch value in [0, B) and finite coordinates."""
+    index, valid = batch_indices(batch_values, batch)
+    return index, valid & torch.isfinite(x) & torch.isfinite(y)
+
+
 def hypercolumns(features: Sequence[Tensor], batch_values: Tensor, x: Tensor, y: Tensor,
                  scale_y: Sequence[float], scale_x: Sequence[float], padding: int) -> Tensor:
     """Hypercolumns ``(N, sum C_l)`` at image points; NaN rows where the point or its batch
     index is invalid."""
     acc = accumulation_dtype(features[0].dtype)
-    batch, valid = batch_indices(batch_values, features[0].shape[0])
-    valid = valid & torch.isfinite(x) & torch.isfinite(y)
+    batch, valid = valid_points(batch_values, x, y, features[0].shape[0])
     columns = [sample_layer(f.to(acc), batch, x.to(acc), y.to(acc), sy, sx, padding)
                for f, sy, sx in zip(features, scale_y, scale_x)]
     column = torch.cat(columns, dim=1)
@@ -174,9 +181,14 @@ def _fused(features: List[Tensor], batch_values: Tensor, x: Tensor, y: Tensor, u
             alpha = torch.ones(stop - start, 1, dtype=acc, device=x.device)
         else:
             alpha = location_weights(u[start:stop].to(acc), v[start:stop].to(acc), grid)
-        outputs.append(classify(column.split(splits, dim=1), weights,
-                                None if bias is None else bias[start:stop],
-                                None if labels is None else labels[start:stop], alpha, activation))
+        # Invalid points and places: NaN outputs, but no gradient (NaN * 0 would pass NaN).
+        valid = valid_points(batch_values[start:stop], x[start:stop], y[start:stop], features[0].shape[0])[1]
+        valid = valid & torch.isfinite(alpha).all(1)
+        column = torch.where(valid[:, None], column, torch.zeros_like(column))
+        alpha = torch.where(valid[:, None], alpha, torch.zeros_like(alpha))
+        out = classify(column.split(splits, dim=1), weights, None if bias is None else bias[start:stop],
+                       None if labels is None else labels[start:stop], alpha, activation)
+        outputs.append(torch.where(valid[:, None], out, torch.full_like(out, float("nan"))))
     return torch.cat(outputs).to(features[0].dtype)
 
 

@@ -102,3 +102,19 @@ def test_non_finite_points_give_nan():
             out = hypercolumn_ops.sparse_hypercolumn(maps, pts, image_size=(8, 8), padding=padding)
         assert out[:3].isnan().all()
         assert out[3].isfinite().all()
+
+
+def test_non_finite_points_pass_no_gradient():
+    g = torch.Generator().manual_seed(5)
+    maps = [m.requires_grad_() for m in _maps(g)]
+    weights = [torch.randn(4, 2, m.shape[1], generator=g, dtype=torch.float64, requires_grad=True) for m in maps]
+    pts = torch.tensor([[0, float("nan"), 1.0], [1, 2.0, 2.0]], dtype=torch.float64)
+    locations = torch.tensor([[0.5, 0.5], [float("inf"), 0.1]], dtype=torch.float64)
+    with hypercolumn_ops.use_backend("reference"):
+        sparse = hypercolumn_ops.sparse_hypercolumn(maps, pts, image_size=(8, 8))
+        fused = hypercolumn_ops.fused_hypercolumn_points(maps, pts, weights, locations=locations,
+                                                         image_size=(8, 8))
+    assert sparse[0].isnan().all() and fused.isnan().all()
+    for out in (sparse, fused):
+        grads = torch.autograd.grad(torch.nan_to_num(out).sum(), maps + weights, allow_unused=True)
+        assert all(gr is None or gr.isfinite().all() for gr in grads)
