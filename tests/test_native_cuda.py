@@ -72,6 +72,15 @@ def normalised_args(case):
     return list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
 
 
+def leaf(value):
+    """Tensors (also inside lists) as fresh autograd leaves, so that a test may run backward often."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(leaf(v) for v in value)
+    return value
+
+
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_matches_reference_float64(index):
     cases.assert_close_to_reference(cuda_cases(torch.float64)[index], "native", RTOL64, ATOL64)
@@ -81,11 +90,16 @@ def test_matches_reference_float64(index):
 @pytest.mark.parametrize("index", FUSED_IDS, ids=[CASE_IDS[i] for i in FUSED_IDS])
 def test_fused_orders_match_reference(index, order):
     case = cuda_cases(torch.float64)[index]
-    args = normalised_args(case)
-    args[-1] = [order] * len(args[0])
+
+    def run(module):
+        # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
+        args = normalised_args(case)
+        args[-1] = [order] * len(args[0])
+        return getattr(module, case.op)(*args)
+
     inputs = cases.differentiable_inputs(case)
-    native = forward_and_grads(lambda: getattr(torch.ops.hypercolumn_ops, case.op)(*args), inputs)
-    expected = forward_and_grads(lambda: getattr(reference, case.op)(*args), inputs)
+    native = forward_and_grads(lambda: run(torch.ops.hypercolumn_ops), inputs)
+    expected = forward_and_grads(lambda: run(reference), inputs)
     assert_all_close(native, expected, RTOL64, ATOL64, f"{case} order {order}")
 
 
@@ -102,7 +116,8 @@ def test_gradcheck(index):
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_opcheck(index):
     case = cuda_cases(torch.float64)[index]
-    torch.library.opcheck(getattr(torch.ops.hypercolumn_ops, case.op).default, tuple(normalised_args(case)))
+    args = tuple(leaf(a) for a in normalised_args(case))
+    torch.library.opcheck(getattr(torch.ops.hypercolumn_ops, case.op).default, args)
 
 
 @pytest.mark.parametrize("op", ["sparse_hypercolumn", "box_hypercolumn", "fused_hypercolumn",
@@ -204,3 +219,18 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(RuntimeError, match=r"weights\[1\]"):
         ops.fused_hypercolumn(f, torch.zeros(4, 5, device="cuda"), [weights[0], weights[0], weights[2]], None, None,
                               2, 2, [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)
+def test_wide_channels_last_loads(dtype):
+    # Channel counts that are multiples of every vector width (16 bytes: 2 float64 ... 8 float16), so
+    # the sampling kernels take their wide-load path, which the odd channel counts of cases.py skip.
+    g = torch.Generator().manual_seed(5)
+    shapes = ((8, 10, 12), (16, 5, 6), (24, 3, 3))
+    f = cases.features(dtype, "cuda", "channels_last", g, requires_grad=True, shapes=shapes)
+    rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
+    for case in (cases.Case("sparse_hypercolumn", (f, cases.points(40, torch.float32, "cuda", g)),
+                            {"image_size": cases.IMAGE}, "wide"),
+                 cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, "cuda", g), (5, 4)),
+                            {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")):
+        cases.assert_close_to_reference(case, "native", rtol, atol)
