@@ -5,6 +5,7 @@ builds the CPU kernels only. Install with `pip install --no-build-isolation -e .
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -22,6 +23,17 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def pip_cuda_includes():
+    """Header folders of the pip-installed CUDA libraries (the nvidia-* wheels torch depends on), for a
+    CUDA toolkit that lacks the cuBLAS / cuSPARSE headers ATen's CUDA headers include."""
+    if CUDA_HOME is None or os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec is not None and spec.submodule_search_locations else []
+    return [d for root in roots for d in sorted(glob.glob(os.path.join(root, "*", "include")))
+            if os.path.exists(os.path.join(d, "cusparse.h"))]
+
+
 def extension():
     with_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -29,6 +41,7 @@ def extension():
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx = ["-O3", *openmp]  # cpp_extension adds the C++ standard that this torch's headers need
     macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
     kind = CppExtension
     extra = {"cxx": cxx}
     if with_cuda and cuda_sources:
@@ -36,10 +49,11 @@ def extension():
         sources += cuda_sources
         macros.append(("HYPERCOLUMN_OPS_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        include_dirs += pip_cuda_includes()
     print(f"hypercolumn_ops build: torch {torch.__version__}, CUDA kernels "
           f"{'on (' + str(CUDA_HOME) + ')' if kind is CUDAExtension else 'off'}, OpenMP {'on' if openmp else 'off'}, "
           f"{len(sources)} sources", flush=True)
-    return kind("hypercolumn_ops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros,
+    return kind("hypercolumn_ops._C", sources, include_dirs=include_dirs, define_macros=macros,
                 extra_compile_args=extra, extra_link_args=openmp)
 
 

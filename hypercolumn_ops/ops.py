@@ -236,8 +236,8 @@ def _check_bias(bias: Optional[Tensor], labels: Optional[Tensor], count: int, cl
     if bias.dim() == 2 and tuple(bias.shape) == cell_shape:
         return bias.expand(count, cells, outputs)
     if labels is not None and bias.dim() == 3 and tuple(bias.shape) == (classes, cells, outputs):
-        # Clamped so that, with value checks off, an invalid label gives NaN in the kernel
-        # rather than an IndexError here.
+        # Clamped: with value checks off an invalid label must not index out of range here; its
+        # rows get NaN outputs in the kernels whatever bias row they carry.
         return bias[labels.clamp(0, classes - 1)]
     if labels is None and per_box_allowed and bias.dim() == 3 and tuple(bias.shape) == (count, cells, outputs):
         return bias

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU check of hypercolumn_ops: one unattended run of at most 8 minutes on a CUDA machine with no
+# network (made for an H100, sm_90; torch, triton, nvcc, compute-sanitizer already installed).
+# Step limits add up to 470 s; the steps that finish early leave the margin.
+#
+# Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
+# (OUT defaults to ./gpu_check_out). Steps, each under its own timeout so that one hang cannot eat
+# the budget; a failing step is recorded and the next one still runs:
+#   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
+#   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
+#   3. tests      pytest tests -m needs_cuda (native CUDA and any GPU-marked test), then the Triton
+#                 test files on the GPU
+#   4. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#                 forward and backward, once on small inputs with invalid rows)
+#   5. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16
+# Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
+# $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
+# seconds, then the tail of the test log) is left beside it: two files come back.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=$OUT/gpu_check
+mkdir -p "$WORK"
+SUMMARY=$WORK/summary.txt
+: > "$SUMMARY"
+
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND under a timeout, output to $WORK/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  local verdict=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT"; elif [ $rc -ne 0 ]; then verdict=FAILED; fi
+  echo "$name: $verdict (exit $rc, $((SECONDS - start)) s of $limit s)" | tee -a "$SUMMARY"
+  return $rc
+}
+
+versions() {
+  date -u
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvcc --version
+  python - <<'EOF'
+import platform
+import torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as error:
+    print("triton missing:", error)
+EOF
+}
+
+step versions 15 bash -c "$(declare -f versions); versions"
+step build 140 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 python setup.py build_ext --inplace
+step tests_cuda 185 python -m pytest tests -m needs_cuda -q -ra --durations=10 -p no:cacheprovider
+TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
+if [ -n "$TRITON_TESTS" ]; then
+  step tests_triton 25 python -m pytest $TRITON_TESTS -q -ra -m "not needs_cuda" -p no:cacheprovider
+fi
+step sanitizer 55 env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  python benchmarks/sanitize_cases.py
+if [ -f benchmarks/run.py ]; then
+  step bench_float32 25 python benchmarks/run.py --device cuda --out "$WORK/bench_float32"
+  step bench_bfloat16 25 python benchmarks/run.py --device cuda --dtype bfloat16 --out "$WORK/bench_bfloat16"
+else
+  echo "benchmarks: skipped, benchmarks/run.py is missing" | tee -a "$SUMMARY"
+fi
+
+{
+  echo
+  echo "---- tail of tests_cuda.log"
+  tail -n 40 "$WORK/tests_cuda.log"
+  echo "---- tail of sanitizer.log"
+  tail -n 8 "$WORK/sanitizer.log"
+} >> "$SUMMARY"
+cp "$SUMMARY" "$OUT/summary.txt"
+tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" gpu_check && rm -rf "$WORK"

@@ -1,0 +1,77 @@
+"""Every CUDA kernel of the native backend once, on small inputs, for compute-sanitizer.
+
+Run from the repository root: ``compute-sanitizer --tool memcheck python benchmarks/sanitize_cases.py``.
+It calls every operator forward and backward with both evaluation orders, the atomic and the
+deterministic backward, float32 and float16 (wide channels_last loads), and rows that must not be
+read: a batch index out of range, a non-integer one, a NaN coordinate, an invalid label, points far
+outside the image. It checks no values (the tests do); it exits 0 when every call returned.
+"""
+
+import torch
+
+import hypercolumn_ops
+from hypercolumn_ops import ops as public
+
+IMAGE = (17, 21)
+
+
+def inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    features = [
+        torch.randn(2, 5, 9, 11, generator=g).to(dtype).cuda(),
+        torch.randn(2, 8, 5, 6, generator=g).to(dtype).cuda().contiguous(memory_format=torch.channels_last),
+        torch.randn(2, 12, 3, 9, generator=g).to(dtype).cuda()[:, ::2, :, ::2],
+    ]
+    points = torch.tensor([[0, 3.0, 4.0], [1, 20.9, 16.9], [0, 0.0, 0.0], [1, -50.0, 80.0], [2, 1.0, 1.0],
+                           [0.5, 1.0, 1.0], [0, float("nan"), 1.0], [1, 5.0, float("inf")]]).cuda()
+    boxes = torch.tensor([[0, 1.0, 2.0, 15.0, 13.0], [1, -4.0, -3.0, 30.0, 25.0], [1, 9.0, 9.0, 2.0, 3.0],
+                          [3, 1.0, 1.0, 5.0, 5.0]]).cuda()
+    return [f.requires_grad_(True) for f in features], points, boxes
+
+
+def backward(out, tensors):
+    loss = torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum()
+    torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+def run_all(dtype):
+    features, points, boxes = inputs(dtype)
+    classes, grid, outputs = 3, 3, 2
+    weights = [(0.1 * torch.randn(classes, grid * grid, outputs, f.shape[1])).to(dtype).cuda().requires_grad_(True)
+               for f in features]
+    bias = (0.1 * torch.randn(classes, grid * grid, outputs)).to(dtype).cuda().requires_grad_(True)
+    point_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 5]).cuda()
+    box_labels = torch.tensor([2, 0, 7, 1]).cuda()
+    locations = torch.rand(len(points), 2).cuda()
+    tensors = features + weights + [bias]
+    ops = torch.ops.hypercolumn_ops
+
+    args = public.normalise_sparse_hypercolumn(features, points, image_size=IMAGE, padding="zeros")
+    backward(ops.sparse_hypercolumn(*args), features)
+    args = public.normalise_box_hypercolumn(features, boxes, (4, 5), image_size=IMAGE)
+    backward(ops.box_hypercolumn(*args), features)
+    for order in (0, 1):
+        args = list(public.normalise_fused_hypercolumn(features, boxes, weights, bias, output_size=(4, 5),
+                                                       image_size=IMAGE, labels=box_labels, activation="sigmoid"))
+        args[-1] = [order] * len(features)
+        backward(ops.fused_hypercolumn(*args), tensors)
+        args = list(public.normalise_fused_hypercolumn_points(features, points, weights, bias, locations=locations,
+                                                              image_size=IMAGE, labels=point_labels,
+                                                              padding="zeros"))
+        args[-1] = [order] * len(features)
+        backward(ops.fused_hypercolumn_points(*args), tensors)
+
+
+def main():
+    hypercolumn_ops.set_value_checks(False)  # let the invalid rows reach the kernels
+    for dtype in (torch.float32, torch.float16):
+        run_all(dtype)
+    torch.use_deterministic_algorithms(True)
+    run_all(torch.float32)
+    torch.use_deterministic_algorithms(False)
+    torch.cuda.synchronize()
+    print("sanitize_cases: every operator ran forward and backward")
+
+
+if __name__ == "__main__":
+    main()

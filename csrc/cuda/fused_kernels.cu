@@ -1,0 +1,673 @@
+// CUDA kernels of fused_hypercolumn and fused_hypercolumn_points (forward and backward).
+//
+// Forward is one sampling pass over all layers: a block takes a tile of kFusedPoints points (and a
+// chunk of kFusedOutputs outputs), keeps their scores s_k for the <= 4 classifier cells whose
+// location weight is non-zero in shared memory, and per layer either
+//   order 0: samples a chunk of kFusedChannels channels of every point into shared memory and takes
+//            one warp-wide dot product per (point, cell, output) with the cell's classifier row, or
+//   order 1: samples the layer's projected score map (B, H_l * W_l, NC * KK * M), which cuBLAS made
+//            from a view of the map (one 1x1 convolution, at::bmm) before the launch;
+// then adds the bias, applies the activation per cell, blends with the location weights and writes
+// each output once. The hypercolumns themselves are never stored.
+//
+// Backward recomputes the scores the same way and stores each point's score gradients (P, 4, M),
+// then per layer: order 0 scatters W^T (score gradient) onto the feature taps and adds
+// (score gradient) x (resampled features) into the weight gradient, with atomics, or under
+// torch.use_deterministic_algorithms(True) with one thread owning each (image, channel) and
+// walking all points in order; order 1 scatters the score gradients onto a score-map gradient and
+// lets cuBLAS form the feature and weight gradients. Deterministic mode evaluates every layer in
+// order 0 (cuBLAS is not bitwise reproducible without a workspace setting) and never raises.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace hypercolumn_ops {
+namespace cuda {
+namespace {
+
+constexpr int kFusedPoints = 16;
+constexpr int kFusedChannels = 128;
+constexpr int kFusedOutputs = 32;
+constexpr int kFusedThreads = 256;
+// Layers per launch (kernel parameters); more layers run in several launches that carry the raw
+// scores from one to the next.
+constexpr int kMaxFusedLayers = 12;
+constexpr int kSlots = 4;  // classifier cells around a point (location_weights)
+
+template <typename scalar_t, typename acc_t>
+struct FusedLayers {
+  MapView<const scalar_t*> map[kMaxFusedLayers];  // features (order 0) or score maps (order 1)
+  const scalar_t* weight[kMaxFusedLayers];        // (NC, KK, M, C_l) contiguous, order 0
+  acc_t scale_y[kMaxFusedLayers], scale_x[kMaxFusedLayers];
+  int order[kMaxFusedLayers];
+  int count;
+};
+
+template <typename scalar_t, typename acc_t>
+struct FusedParams {
+  int64_t grid_k, cells, outputs, padding, activation;
+  const scalar_t* bias;  // (rows, KK, M) with strides, or null
+  int64_t bias_row, bias_cell, bias_output;
+  scalar_t* out;  // forward output
+  OutputStrides out_strides;
+  const scalar_t* grad_out;  // backward: gradient of the output
+  OutputStrides grad_strides;
+  acc_t* slot_grads;         // backward: (P, 4, M) score gradients per location slot
+  const acc_t* partial_in;   // (P, 4, M) raw scores of earlier layers, or null
+  acc_t* partial_out;        // (P, 4, M) raw scores for later layers, or null (then finish)
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+template <typename scalar_t, typename acc_t, bool kBackward>
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_scores_kernel(FusedLayers<scalar_t, acc_t> layers, PointSource<acc_t> src, int64_t num_points,
+                        FusedParams<scalar_t, acc_t> prm) {
+  __shared__ Point<acc_t> points[kFusedPoints];
+  __shared__ LocationWeights<acc_t> slots[kFusedPoints];
+  __shared__ PointTaps<acc_t> taps[kFusedPoints];
+  __shared__ acc_t scores[kFusedPoints][kSlots][kFusedOutputs];
+  __shared__ acc_t column[kFusedPoints][kFusedChannels];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kFusedPoints;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kFusedPoints), num_points - first));
+  const int64_t outputs = prm.outputs;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kFusedOutputs;
+  const int mcount = static_cast<int>(min(static_cast<int64_t>(kFusedOutputs), outputs - m0));
+
+  if (tid < count) {
+    const Point<acc_t> pt = point_at(src, first + tid);
+    points[tid] = pt;
+    slots[tid] = location_weights<acc_t>(pt.u, pt.v, prm.grid_k);
+  }
+  for (int e = tid; e < count * kSlots * mcount; e += blockDim.x) {
+    const int p = e / (kSlots * mcount), j = (e / mcount) % kSlots, m = e % mcount;
+    scores[p][j][m] = prm.partial_in != nullptr ? prm.partial_in[((first + p) * kSlots + j) * outputs + m0 + m]
+                                                : acc_t(0);
+  }
+  __syncthreads();
+
+  for (int l = 0; l < layers.count; ++l) {
+    const MapView<const scalar_t*>& map = layers.map[l];
+    if (tid < count) taps[tid] = point_taps(points[tid], map, layers.scale_y[l], layers.scale_x[l], prm.padding);
+    __syncthreads();
+    if (layers.order[l] == kOrderSampleFeatures) {
+      const scalar_t* weight = layers.weight[l];
+      for (int64_t c0 = 0; c0 < map.channels; c0 += kFusedChannels) {
+        const int chunk = static_cast<int>(min(static_cast<int64_t>(kFusedChannels), map.channels - c0));
+        for (int e = tid; e < count * kFusedChannels; e += blockDim.x) {
+          const int p = e / kFusedChannels, cc = e % kFusedChannels;
+          column[p][cc] = (cc < chunk && taps[p].valid) ? gather(map, taps[p], c0 + cc) : acc_t(0);
+        }
+        __syncthreads();
+        // One warp per (point, slot, output): the branch below is uniform over the warp.
+        for (int task = warp; task < count * kSlots * mcount; task += warps) {
+          const int p = task / (kSlots * mcount), j = (task / mcount) % kSlots, m = task % mcount;
+          if (!points[p].valid || slots[p].alpha[j] == acc_t(0)) continue;
+          const scalar_t* row =
+              weight + ((points[p].label * prm.cells + slots[p].cell[j]) * outputs + m0 + m) * map.channels + c0;
+          acc_t dot = 0;
+          for (int cc = lane; cc < chunk; cc += 32) dot += static_cast<acc_t>(row[cc]) * column[p][cc];
+          dot = warp_sum(dot);
+          if (lane == 0) scores[p][j][m] += dot;
+        }
+        __syncthreads();
+      }
+    } else {
+      for (int e = tid; e < count * kSlots * mcount; e += blockDim.x) {
+        const int p = e / (kSlots * mcount), j = (e / mcount) % kSlots, m = e % mcount;
+        if (!points[p].valid || slots[p].alpha[j] == acc_t(0)) continue;
+        const int64_t channel = (points[p].label * prm.cells + slots[p].cell[j]) * outputs + m0 + m;
+        scores[p][j][m] += gather(map, taps[p], channel);
+      }
+      __syncthreads();
+    }
+  }
+
+  if (prm.partial_out != nullptr) {
+    for (int e = tid; e < count * kSlots * mcount; e += blockDim.x) {
+      const int p = e / (kSlots * mcount), j = (e / mcount) % kSlots, m = e % mcount;
+      prm.partial_out[((first + p) * kSlots + j) * outputs + m0 + m] = scores[p][j][m];
+    }
+    return;
+  }
+  for (int e = tid; e < count * mcount; e += blockDim.x) {
+    const int p = e / mcount, m = e % mcount;
+    const Point<acc_t>& pt = points[p];
+    const int64_t output = m0 + m;
+    // Activated score and its derivative per slot; the bias is a per-row term of each cell.
+    acc_t activated[kSlots], slope[kSlots];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      activated[j] = 0;
+      slope[j] = 0;
+      if (!pt.valid || slots[p].alpha[j] == acc_t(0)) continue;
+      acc_t s = scores[p][j][m];
+      if (prm.bias != nullptr) {
+        s += static_cast<acc_t>(prm.bias[pt.row * prm.bias_row + slots[p].cell[j] * prm.bias_cell +
+                                         output * prm.bias_output]);
+      }
+      if (prm.activation == kActivationSigmoid) {
+        const acc_t a = sigmoid<acc_t>(s);
+        activated[j] = a;
+        slope[j] = a * (acc_t(1) - a);
+      } else {
+        activated[j] = s;
+        slope[j] = 1;
+      }
+    }
+    if (!kBackward) {
+      acc_t value = static_cast<acc_t>(NAN);
+      if (pt.valid) {
+        value = 0;
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) {
+          if (slots[p].alpha[j] != acc_t(0)) value += slots[p].alpha[j] * activated[j];
+        }
+      }
+      prm.out[output_offset(prm.out_strides, pt) + output * prm.out_strides.column] = static_cast<scalar_t>(value);
+    } else {
+      const acc_t g = pt.valid ? static_cast<acc_t>(prm.grad_out[output_offset(prm.grad_strides, pt) +
+                                                                  output * prm.grad_strides.column])
+                               : acc_t(0);
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        const acc_t alpha = slots[p].alpha[j];
+        prm.slot_grads[((first + p) * kSlots + j) * outputs + output] =
+            (pt.valid && alpha != acc_t(0)) ? g * alpha * slope[j] : acc_t(0);
+      }
+    }
+  }
+}
+
+// grad_bias[row, k, m]: one thread sums, in a fixed order, the score gradients of the row's points
+// (one point, or the oh * ow grid of a box) whose slots fall on cell k.
+template <typename scalar_t, typename acc_t>
+__global__ void bias_grad_kernel(PointSource<acc_t> src, int64_t rows, int64_t points_per_row, int64_t grid_k,
+                                 int64_t cells, int64_t outputs, const acc_t* slot_grads, scalar_t* grad_bias) {
+  const int64_t total = rows * cells * outputs;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = index / (cells * outputs);
+    const int64_t cell = (index / outputs) % cells;
+    const int64_t output = index % outputs;
+    acc_t sum = 0;
+    for (int64_t s = 0; s < points_per_row; ++s) {
+      const int64_t p = row * points_per_row + s;
+      const Point<acc_t> pt = point_at(src, p);
+      const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        if (w.cell[j] == cell) sum += slot_grads[(p * kSlots + j) * outputs + output];
+      }
+    }
+    grad_bias[index] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Order 1 backward: score gradients onto the score-map gradient (B, H*W, NC*KK*M), atomics (this
+// order never runs in deterministic mode).
+template <typename acc_t>
+__global__ void score_grad_scatter_kernel(PointSource<acc_t> src, int64_t num_points, int64_t grid_k, int64_t cells,
+                                          int64_t outputs, MapView<acc_t*> score_grad, acc_t scale_y, acc_t scale_x,
+                                          int64_t padding, const acc_t* slot_grads) {
+  const int64_t total = num_points * outputs;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = index / outputs, output = index % outputs;
+    const Point<acc_t> pt = point_at(src, p);
+    if (!pt.valid) continue;
+    const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
+    const PointTaps<acc_t> t = point_taps(pt, score_grad, scale_y, scale_x, padding);
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const acc_t g = slot_grads[(p * kSlots + j) * outputs + output];
+      if (g == acc_t(0)) continue;
+      scatter<false>(score_grad, t, (pt.label * cells + w.cell[j]) * outputs + output, g);
+    }
+  }
+}
+
+// Order 0 backward of one layer. Thread = channel c. kOwned = false: block x is a tile of points,
+// atomics into grad_features and the weight gradient (NC*KK*M, C). kOwned = true: block x is image
+// b, walking every point in order; it alone writes image b's channels and row b of the weight
+// gradient partials (B, NC*KK*M, C), which the host sums over b.
+template <typename scalar_t, typename acc_t, bool kOwned>
+__global__ void __launch_bounds__(kChannelThreads)
+    fused_feature_grad_kernel(MapView<const scalar_t*> map, MapView<scalar_t*> grad, const scalar_t* weight,
+                              acc_t* grad_weight, PointSource<acc_t> src, int64_t num_points, int64_t grid_k,
+                              int64_t cells, int64_t outputs, acc_t scale_y, acc_t scale_x, int64_t padding,
+                              const acc_t* slot_grads) {
+  __shared__ PointTaps<acc_t> taps[kTilePoints];
+  __shared__ int64_t weight_row[kTilePoints][kSlots];  // (label * KK + cell) * M: row of output 0
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t channels = map.channels;
+  const int64_t begin = kOwned ? 0 : static_cast<int64_t>(blockIdx.x) * kTilePoints;
+  const int64_t end = kOwned ? num_points : min(num_points, begin + kTilePoints);
+  acc_t* weight_grad = grad_weight + (kOwned ? static_cast<int64_t>(blockIdx.x) * src.classes * cells * outputs *
+                                                   channels
+                                             : 0);
+  for (int64_t first = begin; first < end; first += kTilePoints) {
+    const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), end - first));
+    __syncthreads();  // the previous tile's readers are done with the shared taps
+    for (int t = threadIdx.x; t < count; t += blockDim.x) {
+      const Point<acc_t> pt = point_at(src, first + t);
+      taps[t] = point_taps(pt, map, scale_y, scale_x, padding);
+      if (kOwned && pt.b != static_cast<int64_t>(blockIdx.x)) taps[t].valid = false;
+      const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) weight_row[t][j] = (pt.label * cells + w.cell[j]) * outputs;
+    }
+    __syncthreads();
+    if (c >= channels) continue;
+    for (int t = 0; t < count; ++t) {
+      if (!taps[t].valid) continue;
+      const acc_t* g = slot_grads + (first + t) * kSlots * outputs;
+      acc_t column_grad = 0;
+      for (int j = 0; j < kSlots; ++j) {
+        for (int64_t m = 0; m < outputs; ++m) {
+          const acc_t gs = g[j * outputs + m];
+          if (gs != acc_t(0)) column_grad += gs * static_cast<acc_t>(weight[(weight_row[t][j] + m) * channels + c]);
+        }
+      }
+      if (column_grad != acc_t(0)) scatter<kOwned>(grad, taps[t], c, column_grad);
+      const acc_t value = gather(map, taps[t], c);
+      for (int j = 0; j < kSlots; ++j) {
+        for (int64_t m = 0; m < outputs; ++m) {
+          const acc_t gs = g[j * outputs + m];
+          if (gs != acc_t(0)) add_to<kOwned>(weight_grad + (weight_row[t][j] + m) * channels + c, gs * value);
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- host side
+
+// Checked arguments shared by both fused operators.
+struct FusedArgs {
+  std::vector<at::Tensor> weights;  // (NC, KK, M, C_l) contiguous
+  at::Tensor rows, locations, labels, bias;
+  int64_t classes = 1, cells = 1, grid_k = 1, outputs = 1, num_rows = 0, grid_h = 0, grid_w = 0, num_points = 0;
+  std::vector<int64_t> orders;  // the orders that run (see effective_order)
+};
+
+// The (B, H*W, C) matrix view of a (B, C, H, W) map, or an undefined tensor where its pixels do not
+// share one stride or neither pixels nor channels are unit-stride (cuBLAS would need a copy).
+at::Tensor pixel_matrix(const at::Tensor& t) {
+  const int64_t height = t.size(2), width = t.size(3);
+  int64_t pixel_stride;
+  if (height * width == 1) {
+    pixel_stride = 1;
+  } else if (width == 1) {
+    pixel_stride = t.stride(2);
+  } else if (height == 1 || t.stride(2) == width * t.stride(3)) {
+    pixel_stride = t.stride(3);
+  } else {
+    return {};
+  }
+  if (pixel_stride != 1 && t.stride(1) != 1 && t.size(1) > 1 && height * width > 1) return {};
+  return t.as_strided({t.size(0), height * width, t.size(1)}, {t.stride(0), pixel_stride, t.stride(1)},
+                      t.storage_offset());
+}
+
+// Order 1 needs a dense map that cuBLAS can read as a matrix in place, and is skipped in
+// deterministic mode; both orders are exact, so falling back to order 0 changes no result.
+int64_t effective_order(int64_t requested, const at::Tensor& feature) {
+  if (requested != kOrderProjectScores || at::globalContext().deterministicAlgorithms()) return kOrderSampleFeatures;
+  if (feature.size(0) == 0 || !feature.is_non_overlapping_and_dense() || !pixel_matrix(feature).defined()) {
+    return kOrderSampleFeatures;
+  }
+  return kOrderProjectScores;
+}
+
+FusedArgs check_fused(at::TensorList features, const at::Tensor& coords, int64_t coord_columns,
+                      const c10::optional<at::Tensor>& locations, at::TensorList weights,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& labels,
+                      int64_t grid_h, int64_t grid_w, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                      int64_t padding, int64_t activation, at::IntArrayRef orders) {
+  check_scales(features, scale_y, scale_x);
+  check_padding(padding);
+  TORCH_CHECK(activation == kActivationNone || activation == kActivationSigmoid,
+              "activation: expected 0 (none) or 1 (sigmoid), got ", activation);
+  const at::Tensor& first = features[0];
+  FusedArgs a;
+  a.rows = coordinate_rows(coords, coord_columns, coord_columns == 3 ? "points" : "boxes", first);
+  a.num_rows = a.rows.size(0);
+  a.grid_h = grid_h;
+  a.grid_w = grid_w;
+  a.num_points = grid_h == 0 ? a.num_rows : a.num_rows * grid_h * grid_w;
+
+  TORCH_CHECK(weights.size() == features.size(), "weights: expected one tensor per layer (", features.size(),
+              "), got ", weights.size());
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 4, "weights[", l, "]: expected (NC, KK, M, C_l), got shape ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == first.scalar_type(), "weights[", l, "]: dtype ", w.scalar_type(),
+                " differs from the features' ", first.scalar_type());
+    TORCH_CHECK(w.device() == first.device(), "weights[", l, "]: device ", w.device(), " differs from the features' ",
+                first.device());
+    TORCH_CHECK(w.size(3) == features[l].size(1), "weights[", l, "]: expected C_l = ", features[l].size(1),
+                " channels, got ", w.size(3));
+    TORCH_CHECK(w.sizes().slice(0, 3) == weights[0].sizes().slice(0, 3), "weights[", l, "]: (NC, KK, M) = ",
+                w.sizes().slice(0, 3), " differs from weights[0]'s ", weights[0].sizes().slice(0, 3));
+    a.weights.push_back(w.contiguous());
+  }
+  a.classes = weights[0].size(0);
+  a.cells = weights[0].size(1);
+  a.outputs = weights[0].size(2);
+  a.grid_k = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(a.cells))));
+  TORCH_CHECK(a.classes >= 1 && a.outputs >= 1 && a.cells >= 1 && a.grid_k * a.grid_k == a.cells,
+              "weights: expected NC >= 1, M >= 1 and KK a perfect square K * K, got (NC, KK, M) = ",
+              weights[0].sizes().slice(0, 3));
+
+  if (labels.has_value() && labels->defined()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "labels: expected int64, got ", labels->scalar_type());
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == a.num_rows, "labels: expected shape (", a.num_rows,
+                ",), got ", labels->sizes());
+    TORCH_CHECK(labels->device() == first.device(), "labels: device ", labels->device(),
+                " differs from the features' ", first.device());
+    a.labels = labels->contiguous();
+  } else {
+    TORCH_CHECK(a.classes == 1, "labels: required with NC = ", a.classes, " classifier sets");
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.num_rows, a.cells, a.outputs}), "bias: expected shape (",
+                a.num_rows, ", ", a.cells, ", ", a.outputs, "), got ", bias->sizes());
+    TORCH_CHECK(bias->device() == first.device(), "bias: device ", bias->device(), " differs from the features' ",
+                first.device());
+    a.bias = bias->to(first.scalar_type());
+  }
+  if (locations.has_value() && locations->defined()) {
+    a.locations = coordinate_rows(*locations, 2, "locations", first);
+    TORCH_CHECK(a.locations.size(0) == a.num_rows, "locations: expected ", a.num_rows, " rows, got ",
+                a.locations.size(0));
+  } else {
+    TORCH_CHECK(grid_h > 0 || a.cells == 1, "locations: required when K > 1 (KK = ", a.cells, ")");
+  }
+  TORCH_CHECK(orders.size() == features.size(), "orders: expected one per layer (", features.size(), "), got ",
+              orders.size());
+  for (size_t l = 0; l < features.size(); ++l) {
+    TORCH_CHECK(orders[l] == kOrderSampleFeatures || orders[l] == kOrderProjectScores,
+                "orders: expected 0 or 1 per layer, got ", orders[l]);
+    a.orders.push_back(effective_order(orders[l], features[l]));
+  }
+  return a;
+}
+
+template <typename acc_t>
+PointSource<acc_t> fused_source(const FusedArgs& a, int64_t batch) {
+  return {a.rows.data_ptr<acc_t>(),
+          a.locations.defined() ? a.locations.data_ptr<acc_t>() : nullptr,
+          a.labels.defined() ? a.labels.data_ptr<int64_t>() : nullptr,
+          a.grid_h,
+          a.grid_w,
+          batch,
+          a.classes};
+}
+
+// Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T by cuBLAS.
+at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight) {
+  const at::Tensor pixels = pixel_matrix(feature);
+  const at::Tensor transposed = weight.reshape({-1, feature.size(1)}).t();
+  return at::bmm(pixels, transposed.unsqueeze(0).expand({feature.size(0), -1, -1}));
+}
+
+std::vector<at::Tensor> score_maps(at::TensorList features, const FusedArgs& a) {
+  std::vector<at::Tensor> maps(features.size());
+  for (size_t l = 0; l < features.size(); ++l) {
+    if (a.orders[l] == kOrderProjectScores) maps[l] = project_scores(features[l], a.weights[l]);
+  }
+  return maps;
+}
+
+// Score map (B, H*W, N) seen as a (B, N, H, W) map.
+template <typename ptr_t>
+MapView<ptr_t> score_map_view(ptr_t data, const at::Tensor& feature, int64_t channels) {
+  const int64_t height = feature.size(2), width = feature.size(3);
+  return {data, channels, height, width, height * width * channels, 1, width * channels, channels};
+}
+
+// Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time; prm.out / prm.slot_grads
+// receive the result of the last launch.
+template <typename scalar_t, typename acc_t, bool kBackward>
+void launch_fused_scores(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
+                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                         FusedParams<scalar_t, acc_t> prm) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto src = fused_source<acc_t>(a, features[0].size(0));
+  const int64_t layers = static_cast<int64_t>(features.size());
+  const int64_t output_blocks = ceil_div(a.outputs, kFusedOutputs);
+  check_grid_y(output_blocks, "weights (M outputs)");
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, kFusedPoints)), static_cast<unsigned>(output_blocks));
+  at::Tensor partial_in, partial_out;
+  for (int64_t start = 0; start < layers; start += kMaxFusedLayers) {
+    const int64_t stop = std::min(layers, start + kMaxFusedLayers);
+    FusedLayers<scalar_t, acc_t> pack;
+    pack.count = static_cast<int>(stop - start);
+    for (int64_t l = start; l < stop; ++l) {
+      const int64_t i = l - start;
+      pack.order[i] = static_cast<int>(a.orders[l]);
+      pack.scale_y[i] = static_cast<acc_t>(scale_y[l]);
+      pack.scale_x[i] = static_cast<acc_t>(scale_x[l]);
+      pack.weight[i] = a.weights[l].data_ptr<scalar_t>();
+      pack.map[i] = a.orders[l] == kOrderProjectScores
+                        ? score_map_view<const scalar_t*>(maps[l].data_ptr<scalar_t>(), features[l], maps[l].size(2))
+                        : const_map_view<scalar_t>(features[l]);
+    }
+    FusedParams<scalar_t, acc_t> p = prm;
+    p.partial_in = partial_in.defined() ? partial_in.data_ptr<acc_t>() : nullptr;
+    if (stop < layers) {
+      partial_out = at::empty({a.num_points, kSlots, a.outputs}, features[0].options().dtype(
+                                                                      c10::CppTypeToScalarType<acc_t>::value));
+      p.partial_out = partial_out.data_ptr<acc_t>();
+    } else {
+      p.partial_out = nullptr;
+    }
+    fused_scores_kernel<scalar_t, acc_t, kBackward><<<grid, kFusedThreads, 0, stream>>>(pack, src, a.num_points, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    partial_in = partial_out;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FusedParams<scalar_t, acc_t> fused_params(const FusedArgs& a, int64_t padding, int64_t activation) {
+  FusedParams<scalar_t, acc_t> prm{};
+  prm.grid_k = a.grid_k;
+  prm.cells = a.cells;
+  prm.outputs = a.outputs;
+  prm.padding = padding;
+  prm.activation = activation;
+  if (a.bias.defined()) {
+    prm.bias = a.bias.data_ptr<scalar_t>();
+    prm.bias_row = a.bias.stride(0);
+    prm.bias_cell = a.bias.stride(1);
+    prm.bias_output = a.bias.stride(2);
+  }
+  return prm;
+}
+
+void fused_forward(at::TensorList features, const FusedArgs& a, at::ArrayRef<double> scale_y,
+                   at::ArrayRef<double> scale_x, int64_t padding, int64_t activation, const at::Tensor& out) {
+  if (a.num_points == 0) return;
+  const std::vector<at::Tensor> maps = score_maps(features, a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_forward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    auto prm = fused_params<scalar_t, acc_t>(a, padding, activation);
+    prm.out = out.data_ptr<scalar_t>();
+    prm.out_strides = output_strides(out);
+    launch_fused_scores<scalar_t, acc_t, false>(features, a, maps, scale_y, scale_x, prm);
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_backward(
+    const at::Tensor& grad_out, at::TensorList features, at::TensorList weights, const FusedArgs& a,
+    at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding, int64_t activation) {
+  const at::Tensor& first = features[0];
+  const int64_t batch = first.size(0);
+  const auto acc_type = coordinate_type(first.scalar_type());
+  std::vector<at::Tensor> grad_features(features.size()), grad_weights(features.size());
+  at::Tensor grad_bias = at::zeros({a.num_rows, a.cells, a.outputs}, first.options());
+  if (a.num_points == 0 || batch == 0) {
+    for (size_t l = 0; l < features.size(); ++l) {
+      grad_features[l] = at::zeros_like(features[l]);
+      grad_weights[l] = at::zeros_like(weights[l]);
+    }
+    return {grad_features, grad_weights, grad_bias};
+  }
+  const bool owned = at::globalContext().deterministicAlgorithms();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const std::vector<at::Tensor> maps = score_maps(features, a);
+  const at::Tensor slot_grads = at::empty({a.num_points, kSlots, a.outputs}, first.options().dtype(acc_type));
+  const int64_t score_channels = a.classes * a.cells * a.outputs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fused_backward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    auto prm = fused_params<scalar_t, acc_t>(a, padding, activation);
+    prm.grad_out = grad_out.data_ptr<scalar_t>();
+    prm.grad_strides = output_strides(grad_out);
+    prm.slot_grads = slot_grads.data_ptr<acc_t>();
+    launch_fused_scores<scalar_t, acc_t, true>(features, a, maps, scale_y, scale_x, prm);
+
+    const auto src = fused_source<acc_t>(a, batch);
+    const int64_t points_per_row = a.grid_h == 0 ? 1 : a.grid_h * a.grid_w;
+    const int64_t bias_total = a.num_rows * a.cells * a.outputs;
+    const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_total, 256), 65535));
+    bias_grad_kernel<scalar_t, acc_t><<<bias_blocks, 256, 0, stream>>>(
+        src, a.num_rows, points_per_row, a.grid_k, a.cells, a.outputs, slot_grads.data_ptr<acc_t>(),
+        grad_bias.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    for (size_t l = 0; l < features.size(); ++l) {
+      const at::Tensor& f = features[l];
+      const int64_t channels = f.size(1);
+      const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
+      if (a.orders[l] == kOrderProjectScores) {
+        at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_channels}, f.options().dtype(acc_type));
+        const int64_t total = a.num_points * a.outputs;
+        const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
+        score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(
+            src, a.num_points, a.grid_k, a.cells, a.outputs,
+            score_map_view<acc_t*>(score_grad.data_ptr<acc_t>(), f, score_channels), sy, sx, padding,
+            slot_grads.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
+        const at::Tensor weight_matrix = a.weights[l].reshape({score_channels, channels});
+        // Dense (effective_order), so empty_like keeps the map's strides and its pixel matrix exists.
+        grad_features[l] = at::empty_like(f);
+        at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
+        at::bmm_out(grad_pixels, score_grad_typed, weight_matrix.unsqueeze(0).expand({batch, -1, -1}));
+        const at::Tensor per_image = at::bmm(score_grad_typed.transpose(1, 2), pixel_matrix(f));
+        grad_weights[l] = at::empty_like(weights[l]).copy_(
+            at::sum(per_image, at::IntArrayRef{0}, false, acc_type).view(weights[l].sizes()));
+      } else {
+        grad_features[l] = at::zeros_like(f);
+        at::Tensor weight_grad = at::zeros({owned ? batch : 1, score_channels, channels}, f.options().dtype(acc_type));
+        if (channels > 0) {
+          const int threads = channel_threads(channels);
+          const int64_t chunks = ceil_div(channels, threads);
+          check_grid_y(chunks, "features");
+          const auto map = const_map_view<scalar_t>(f);
+          const auto grad_map = map_view<scalar_t>(grad_features[l]);
+          const scalar_t* weight = a.weights[l].data_ptr<scalar_t>();
+          if (owned) {
+            const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
+            fused_feature_grad_kernel<scalar_t, acc_t, true><<<grid, threads, 0, stream>>>(
+                map, grad_map, weight, weight_grad.data_ptr<acc_t>(), src, a.num_points, a.grid_k, a.cells, a.outputs,
+                sy, sx, padding, slot_grads.data_ptr<acc_t>());
+          } else {
+            const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, kTilePoints)), static_cast<unsigned>(chunks));
+            fused_feature_grad_kernel<scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(
+                map, grad_map, weight, weight_grad.data_ptr<acc_t>(), src, a.num_points, a.grid_k, a.cells, a.outputs,
+                sy, sx, padding, slot_grads.data_ptr<acc_t>());
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        grad_weights[l] = at::empty_like(weights[l]).copy_(at::sum(weight_grad, at::IntArrayRef{0}).view(weights[l].sizes()));
+      }
+    }
+  });
+  return {grad_features, grad_weights, grad_bias};
+}
+
+void check_grad(const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& feature) {
+  TORCH_CHECK(grad.sizes() == expected, "grad: expected shape ", expected, ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == feature.device(), "grad: expected device ", feature.device(), ", got ",
+              grad.device());
+}
+
+at::Tensor fused_hypercolumn_cuda(at::TensorList features, const at::Tensor& boxes, at::TensorList weights,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& labels,
+                                  int64_t output_height, int64_t output_width, at::ArrayRef<double> scale_y,
+                                  at::ArrayRef<double> scale_x, int64_t padding, int64_t activation,
+                                  at::IntArrayRef orders) {
+  TORCH_CHECK(output_height >= 1 && output_width >= 1, "output_height, output_width: expected positive sizes, got ",
+              output_height, " and ", output_width);
+  check_features(features);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const FusedArgs a = check_fused(features, boxes, 5, c10::nullopt, weights, bias, labels, output_height,
+                                  output_width, scale_y, scale_x, padding, activation, orders);
+  at::Tensor out = new_output({a.num_rows, a.outputs, output_height, output_width}, features[0].options());
+  fused_forward(features, a, scale_y, scale_x, padding, activation, out);
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_hypercolumn_backward_cuda(
+    const at::Tensor& grad, at::TensorList features, const at::Tensor& boxes, at::TensorList weights,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& labels, int64_t output_height,
+    int64_t output_width, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding,
+    int64_t activation, at::IntArrayRef orders) {
+  TORCH_CHECK(output_height >= 1 && output_width >= 1, "output_height, output_width: expected positive sizes, got ",
+              output_height, " and ", output_width);
+  check_features(features);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const FusedArgs a = check_fused(features, boxes, 5, c10::nullopt, weights, bias, labels, output_height,
+                                  output_width, scale_y, scale_x, padding, activation, orders);
+  check_grad(grad, {a.num_rows, a.outputs, output_height, output_width}, features[0]);
+  return fused_backward(grad.to(features[0].scalar_type()), features, weights, a, scale_y, scale_x, padding, activation);
+}
+
+at::Tensor fused_hypercolumn_points_cuda(at::TensorList features, const at::Tensor& points,
+                                         const c10::optional<at::Tensor>& locations, at::TensorList weights,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const c10::optional<at::Tensor>& labels, at::ArrayRef<double> scale_y,
+                                         at::ArrayRef<double> scale_x, int64_t padding, int64_t activation,
+                                         at::IntArrayRef orders) {
+  check_features(features);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const FusedArgs a = check_fused(features, points, 3, locations, weights, bias, labels, 0, 0, scale_y, scale_x,
+                                  padding, activation, orders);
+  at::Tensor out = new_output({a.num_rows, a.outputs}, features[0].options());
+  fused_forward(features, a, scale_y, scale_x, padding, activation, out);
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_hypercolumn_points_backward_cuda(
+    const at::Tensor& grad, at::TensorList features, const at::Tensor& points,
+    const c10::optional<at::Tensor>& locations, at::TensorList weights, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& labels, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+    int64_t padding, int64_t activation, at::IntArrayRef orders) {
+  check_features(features);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const FusedArgs a = check_fused(features, points, 3, locations, weights, bias, labels, 0, 0, scale_y, scale_x,
+                                  padding, activation, orders);
+  check_grad(grad, {a.num_rows, a.outputs}, features[0]);
+  return fused_backward(grad.to(features[0].scalar_type()), features, weights, a, scale_y, scale_x, padding, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m) {
+  m.impl("fused_hypercolumn", &fused_hypercolumn_cuda);
+  m.impl("fused_hypercolumn_backward", &fused_hypercolumn_backward_cuda);
+  m.impl("fused_hypercolumn_points", &fused_hypercolumn_points_cuda);
+  m.impl("fused_hypercolumn_points_backward", &fused_hypercolumn_points_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace hypercolumn_ops

@@ -1,0 +1,257 @@
+// CUDA kernels of sparse_hypercolumn and box_hypercolumn (forward and backward).
+//
+// A block takes a tile of kTilePoints points and a chunk of one layer's channels: it computes each
+// point's four taps once (shared memory), then every thread walks the tile for its channel(s). With
+// channels_last features a warp reads consecutive channels of one pixel, in 16-byte loads where the
+// strides allow; any other strides are read in place, never copied.
+//
+// Backward scatters each sample's gradient onto its taps with atomics; under
+// torch.use_deterministic_algorithms(True) a block instead owns (image, channel chunk) of the
+// gradient and walks every point in order, so each element is summed by one thread in a fixed order.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace hypercolumn_ops {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kChannelThreads)
+    sample_forward_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
+                          acc_t scale_x, int64_t padding, scalar_t* out, OutputStrides out_strides,
+                          int64_t column_offset) {
+  __shared__ PointTaps<acc_t> taps[kTilePoints];
+  __shared__ int64_t out_base[kTilePoints];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTilePoints;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), num_points - first));
+  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+    const Point<acc_t> pt = point_at(src, first + t);
+    taps[t] = point_taps(pt, map, scale_y, scale_x, padding);
+    out_base[t] = output_offset(out_strides, pt);
+  }
+  __syncthreads();
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= map.channels) return;
+  for (int t = 0; t < count; ++t) {
+    acc_t value[VEC];
+    if (taps[t].valid) {
+      gather_wide<VEC>(map, taps[t], c, value);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) value[v] = static_cast<acc_t>(NAN);
+    }
+    scalar_t* destination = out + out_base[t] + (column_offset + c) * out_strides.column;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) destination[v * out_strides.column] = static_cast<scalar_t>(value[v]);
+  }
+}
+
+// kOwned = false: block x is a tile of points, atomics. kOwned = true: block x is image b; it walks
+// all points and alone writes image b's channels of this chunk.
+template <typename scalar_t, typename acc_t, bool kOwned>
+__global__ void __launch_bounds__(kChannelThreads)
+    sample_backward_kernel(MapView<scalar_t*> grad, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
+                           acc_t scale_x, int64_t padding, const scalar_t* grad_out, OutputStrides grad_strides,
+                           int64_t column_offset) {
+  __shared__ PointTaps<acc_t> taps[kTilePoints];
+  __shared__ int64_t grad_base[kTilePoints];
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t begin = kOwned ? 0 : static_cast<int64_t>(blockIdx.x) * kTilePoints;
+  const int64_t end = kOwned ? num_points : min(num_points, begin + kTilePoints);
+  for (int64_t first = begin; first < end; first += kTilePoints) {
+    const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), end - first));
+    __syncthreads();  // the previous tile's readers are done with the shared taps
+    for (int t = threadIdx.x; t < count; t += blockDim.x) {
+      const Point<acc_t> pt = point_at(src, first + t);
+      taps[t] = point_taps(pt, grad, scale_y, scale_x, padding);
+      if (kOwned && pt.b != static_cast<int64_t>(blockIdx.x)) taps[t].valid = false;
+      grad_base[t] = output_offset(grad_strides, pt);
+    }
+    __syncthreads();
+    if (c < grad.channels) {
+      for (int t = 0; t < count; ++t) {
+        if (!taps[t].valid) continue;
+        const acc_t g = static_cast<acc_t>(grad_out[grad_base[t] + (column_offset + c) * grad_strides.column]);
+        scatter<kOwned>(grad, taps[t], c, g);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- host side
+
+int64_t total_channels(at::TensorList features) {
+  int64_t channels = 0;
+  for (const auto& f : features) channels += f.size(1);
+  return channels;
+}
+
+template <typename acc_t>
+PointSource<acc_t> point_source(const at::Tensor& rows, int64_t grid_h, int64_t grid_w, int64_t batch) {
+  return {rows.data_ptr<acc_t>(), nullptr, nullptr, grid_h, grid_w, batch, 1};
+}
+
+// Fills out (rows, sum C_l) or (rows, sum C_l, oh, ow): one launch per layer, each element once.
+void sample_forward(at::TensorList features, const at::Tensor& rows, int64_t grid_h, int64_t grid_w,
+                    int64_t num_points, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                    int64_t padding, const at::Tensor& out) {
+  if (num_points == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const OutputStrides strides = output_strides(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sample_forward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int kWide = static_cast<int>(16 / sizeof(scalar_t));
+    const auto src = point_source<acc_t>(rows, grid_h, grid_w, features[0].size(0));
+    int64_t column_offset = 0;
+    for (size_t l = 0; l < features.size(); ++l) {
+      const at::Tensor& f = features[l];
+      const int64_t channels = f.size(1);
+      if (channels > 0) {
+        const bool wide = wide_loads_allowed(f, kWide);
+        const int64_t columns = wide ? channels / kWide : channels;
+        const int threads = channel_threads(columns);
+        const int64_t chunks = ceil_div(columns, threads);
+        check_grid_y(chunks, "features");
+        const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+        const auto map = const_map_view<scalar_t>(f);
+        const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
+        if (wide) {
+          sample_forward_kernel<scalar_t, acc_t, kWide><<<grid, threads, 0, stream>>>(
+              map, src, num_points, sy, sx, padding, out.data_ptr<scalar_t>(), strides, column_offset);
+        } else {
+          sample_forward_kernel<scalar_t, acc_t, 1><<<grid, threads, 0, stream>>>(
+              map, src, num_points, sy, sx, padding, out.data_ptr<scalar_t>(), strides, column_offset);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      column_offset += channels;
+    }
+  });
+}
+
+std::vector<at::Tensor> sample_backward(const at::Tensor& grad_out, at::TensorList features, const at::Tensor& rows,
+                                        int64_t grid_h, int64_t grid_w, int64_t num_points,
+                                        at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                        int64_t padding) {
+  std::vector<at::Tensor> grads;
+  for (const auto& f : features) grads.push_back(at::zeros_like(f));
+  const int64_t batch = features[0].size(0);
+  if (num_points == 0 || batch == 0) return grads;
+  const bool owned = at::globalContext().deterministicAlgorithms();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const OutputStrides strides = output_strides(grad_out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "sample_backward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const auto src = point_source<acc_t>(rows, grid_h, grid_w, batch);
+    int64_t column_offset = 0;
+    for (size_t l = 0; l < features.size(); ++l) {
+      const int64_t channels = features[l].size(1);
+      if (channels > 0) {
+        const int threads = channel_threads(channels);
+        const int64_t chunks = ceil_div(channels, threads);
+        check_grid_y(chunks, "features");
+        const auto map = map_view<scalar_t>(grads[l]);
+        const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
+        const scalar_t* g = grad_out.data_ptr<scalar_t>();
+        if (owned) {
+          const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
+          sample_backward_kernel<scalar_t, acc_t, true><<<grid, threads, 0, stream>>>(
+              map, src, num_points, sy, sx, padding, g, strides, column_offset);
+        } else {
+          const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+          sample_backward_kernel<scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(
+              map, src, num_points, sy, sx, padding, g, strides, column_offset);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      column_offset += channels;
+    }
+  });
+  return grads;
+}
+
+at::Tensor sparse_hypercolumn_cuda(at::TensorList features, const at::Tensor& points, at::ArrayRef<double> scale_y,
+                                   at::ArrayRef<double> scale_x, int64_t padding) {
+  check_features(features);
+  check_scales(features, scale_y, scale_x);
+  check_padding(padding);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const at::Tensor rows = coordinate_rows(points, 3, "points", features[0]);
+  const int64_t count = rows.size(0);
+  at::Tensor out = new_output({count, total_channels(features)}, features[0].options());
+  sample_forward(features, rows, 0, 0, count, scale_y, scale_x, padding, out);
+  return out;
+}
+
+std::vector<at::Tensor> sparse_hypercolumn_backward_cuda(const at::Tensor& grad, at::TensorList features,
+                                                         const at::Tensor& points, at::ArrayRef<double> scale_y,
+                                                         at::ArrayRef<double> scale_x, int64_t padding) {
+  check_features(features);
+  check_scales(features, scale_y, scale_x);
+  check_padding(padding);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const at::Tensor rows = coordinate_rows(points, 3, "points", features[0]);
+  const int64_t count = rows.size(0);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({count, total_channels(features)}),
+              "grad: expected shape (N, sum C_l) = (", count, ", ", total_channels(features), "), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == features[0].device(), "grad: expected device ", features[0].device(), ", got ",
+              grad.device());
+  const at::Tensor g = grad.to(features[0].scalar_type());
+  return sample_backward(g, features, rows, 0, 0, count, scale_y, scale_x, padding);
+}
+
+void check_output_size(int64_t output_height, int64_t output_width) {
+  TORCH_CHECK(output_height >= 1 && output_width >= 1, "output_height, output_width: expected positive sizes, got ",
+              output_height, " and ", output_width);
+}
+
+at::Tensor box_hypercolumn_cuda(at::TensorList features, const at::Tensor& boxes, int64_t output_height,
+                                int64_t output_width, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                int64_t padding) {
+  check_features(features);
+  check_scales(features, scale_y, scale_x);
+  check_padding(padding);
+  check_output_size(output_height, output_width);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const at::Tensor rows = coordinate_rows(boxes, 5, "boxes", features[0]);
+  const int64_t count = rows.size(0);
+  at::Tensor out = new_output({count, total_channels(features), output_height, output_width}, features[0].options());
+  sample_forward(features, rows, output_height, output_width, count * output_height * output_width, scale_y, scale_x,
+                 padding, out);
+  return out;
+}
+
+std::vector<at::Tensor> box_hypercolumn_backward_cuda(const at::Tensor& grad, at::TensorList features,
+                                                      const at::Tensor& boxes, int64_t output_height,
+                                                      int64_t output_width, at::ArrayRef<double> scale_y,
+                                                      at::ArrayRef<double> scale_x, int64_t padding) {
+  check_features(features);
+  check_scales(features, scale_y, scale_x);
+  check_padding(padding);
+  check_output_size(output_height, output_width);
+  const c10::cuda::CUDAGuard guard(features[0].device());
+  const at::Tensor rows = coordinate_rows(boxes, 5, "boxes", features[0]);
+  const int64_t count = rows.size(0);
+  const int64_t channels = total_channels(features);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({count, channels, output_height, output_width}),
+              "grad: expected shape (R, sum C_l, oh, ow) = (", count, ", ", channels, ", ", output_height, ", ",
+              output_width, "), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == features[0].device(), "grad: expected device ", features[0].device(), ", got ",
+              grad.device());
+  const at::Tensor g = grad.to(features[0].scalar_type());
+  return sample_backward(g, features, rows, output_height, output_width, count * output_height * output_width,
+                         scale_y, scale_x, padding);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m) {
+  m.impl("sparse_hypercolumn", &sparse_hypercolumn_cuda);
+  m.impl("sparse_hypercolumn_backward", &sparse_hypercolumn_backward_cuda);
+  m.impl("box_hypercolumn", &box_hypercolumn_cuda);
+  m.impl("box_hypercolumn_backward", &box_hypercolumn_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace hypercolumn_ops
