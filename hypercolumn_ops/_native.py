@@ -76,9 +76,11 @@ def fused_hypercolumn_points(features: List[Tensor], points: Tensor, locations: 
                                                               scale_y, scale_x, padding, activation, orders)
 
 
-def _register() -> None:
-    """Fake kernels (shapes only) and autograd formulas of the compiled operators."""
-    lib = "hypercolumn_ops::"
+def register_fake_and_autograd(namespace: str) -> None:
+    """Fake kernels (shapes only) and autograd formulas of the operators of ``namespace``: the
+    compiled ones, or another backend's with the same schema (csrc/ops.cpp)."""
+    lib = namespace + "::"
+    ops = getattr(torch.ops, namespace)
 
     def empty_features_like(features):
         return [torch.empty_like(f) for f in features]
@@ -158,28 +160,24 @@ def _register() -> None:
 
     def sparse_backward(ctx, grad):
         features, points, scale_y, scale_x, padding = saved_inputs(ctx)
-        grads = torch.ops.hypercolumn_ops.sparse_hypercolumn_backward(grad, features, points, scale_y, scale_x,
-                                                                      padding)
+        grads = ops.sparse_hypercolumn_backward(grad, features, points, scale_y, scale_x, padding)
         return grads, None, None, None, None
 
     def box_backward(ctx, grad):
         features, boxes, oh, ow, scale_y, scale_x, padding = saved_inputs(ctx)
-        grads = torch.ops.hypercolumn_ops.box_hypercolumn_backward(grad, features, boxes, oh, ow, scale_y,
-                                                                   scale_x, padding)
+        grads = ops.box_hypercolumn_backward(grad, features, boxes, oh, ow, scale_y, scale_x, padding)
         return grads, None, None, None, None, None, None
 
     def fused_backward(ctx, grad):
         inputs = saved_inputs(ctx)
-        grad_features, grad_weights, grad_bias = torch.ops.hypercolumn_ops.fused_hypercolumn_backward(
-            grad, *inputs)
+        grad_features, grad_weights, grad_bias = ops.fused_hypercolumn_backward(grad, *inputs)
         bias = inputs[3]
         return (grad_features, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
                 None, None, None, None, None, None, None, None)
 
     def fused_points_backward(ctx, grad):
         inputs = saved_inputs(ctx)
-        grad_features, grad_weights, grad_bias = torch.ops.hypercolumn_ops.fused_hypercolumn_points_backward(
-            grad, *inputs)
+        grad_features, grad_weights, grad_bias = ops.fused_hypercolumn_points_backward(grad, *inputs)
         bias = inputs[4]
         return (grad_features, None, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
                 None, None, None, None, None, None)
@@ -192,4 +190,4 @@ def _register() -> None:
 
 
 if _C is not None:
-    _register()
+    register_fake_and_autograd("hypercolumn_ops")

@@ -1,0 +1,380 @@
+"""Launchers of the Triton kernels: buffers, block sizes, warps, and the per-layer steps of the
+four operators and their backward passes, over the normalised arguments of ``csrc/ops.cpp``.
+
+Extra memory: per layer of a fused operator either nothing channel-sized (sample-features order)
+or the projected score map ``(B, NC * KK * M, H_l, W_l)`` (project-scores order); per point the
+``(P, 4, M)`` scores of its <= 4 cells; in backward the tap entries ``(P, 4)`` of one layer at a
+time and the sorted entries of the deterministic path. No buffer scales with ``P x C``.
+"""
+
+import contextlib
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import kernels
+from ..planning import PROJECT_SCORES
+from ..reference import ACTIVATION_SIGMOID, accumulation_dtype
+
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _poison() -> bool:
+    return os.environ.get("HYPERCOLUMN_OPS_POISON") == "1"
+
+
+def new_output(shape, like: Tensor) -> Tensor:
+    """An output the kernels fill completely: NaN-filled under HYPERCOLUMN_OPS_POISON=1 so an
+    element a kernel forgets shows up (as csrc/poison.h does for the compiled kernels)."""
+    out = like.new_empty(shape)
+    return out.fill_(float("nan")) if _poison() else out
+
+
+def _pow2(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(value, 1))))
+
+
+class _Blocks:
+    """Tile sizes. The interpreter runs programs one after another with numpy, so it wants few,
+    large tiles; a GPU wants many tiles whose 3-D products stay within the registers."""
+
+    def __init__(self, channels: int, outputs: int = 1):
+        interpreting = _interpreting()
+        self.points = 128 if interpreting else 32
+        self.entries = 64 if interpreting else 16
+        self.channels = _pow2(channels, 16, 128 if interpreting else 64)
+        self.outputs = _pow2(outputs, 1, 16)
+        budget = (1 << 16) if interpreting else 8192  # elements of a [points, outputs, channels] product
+        self.dot_points = 64 if interpreting else 16
+        self.dot_channels = _pow2(budget // (self.dot_points * self.outputs), 16, self.channels)
+        self.warps = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _scales(scale_y: List[float], scale_x: List[float], dtype: torch.dtype, device) -> Tensor:
+    """Per-layer (sy, sx) in the accumulation dtype, read by the kernels (a Python float argument
+    would reach a kernel as float32)."""
+    return torch.tensor([s for pair in zip(scale_y, scale_x) for s in pair], dtype=dtype, device=device)
+
+
+class Points:
+    """Where the points of an operator come from: ``P`` points, their coordinate rows, and how a
+    point maps to its row and output cell (box form: ``R * oh * ow`` grid points)."""
+
+    def __init__(self, coords: Tensor, is_box: bool, output_height: int = 1, output_width: int = 1,
+                 locations: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        self.coords = coords
+        self.is_box = is_box
+        self.output_height = output_height if is_box else 1
+        self.output_width = output_width if is_box else 1
+        self.cells_per_box = self.output_height * self.output_width
+        self.rows = coords.shape[0]
+        self.count = self.rows * self.cells_per_box
+        self.locations = locations
+        self.labels = labels
+
+    def output_strides(self, out: Tensor) -> Tuple[int, int, int, int]:
+        """(row, i, j, channel) strides of an output ``(rows, X, oh, ow)`` or ``(rows, X)``."""
+        if self.is_box:
+            return out.stride(0), out.stride(2), out.stride(3), out.stride(1)
+        return out.stride(0), 0, 0, out.stride(1)
+
+
+def device_guard(tensor: Tensor):
+    """Kernels launch on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_hypercolumns(features: List[Tensor], points: Points, scale_y, scale_x, padding: int, out: Tensor) -> None:
+    """Fills ``out`` ((P, sum C_l) or (R, sum C_l, oh, ow)) with the hypercolumns of the points."""
+    acc = accumulation_dtype(features[0].dtype)
+    scales = _scales(scale_y, scale_x, acc, out.device)
+    offset = 0
+    for layer, feature in enumerate(features):
+        batch, channels, height, width = feature.shape
+        part = out.narrow(1, offset, channels)
+        offset += channels
+        if points.count == 0 or channels == 0:
+            continue
+        blocks = _Blocks(channels)
+        grid = (_cdiv(points.count, blocks.points), _cdiv(channels, blocks.channels))
+        kernels.sample_features_kernel[grid](
+            feature, *feature.stride(), batch, channels, height, width, points.coords, scales[2 * layer:],
+            points.count, points.cells_per_box, points.output_height, points.output_width, padding, part,
+            *points.output_strides(part), ACC=_TL_DTYPES[acc], IS_BOX=points.is_box, BLOCK_P=blocks.points,
+            BLOCK_C=blocks.channels, num_warps=blocks.warps)
+
+
+class _TapEntries:
+    """The four taps of every point on one layer (``keys``, ``weights``: ``(P * 4,)``) and, for the
+    deterministic path, the entries sorted by key and cut into one segment per pixel."""
+
+    def __init__(self, feature: Tensor, points: Points, scales: Tensor, padding: int, num_classes: int,
+                 deterministic: bool):
+        batch, _, height, width = feature.shape
+        acc = scales.dtype
+        self.sentinel = batch * height * width
+        self.keys = torch.empty(points.count * 4, dtype=torch.int64, device=feature.device)
+        self.weights = torch.empty(points.count * 4, dtype=acc, device=feature.device)
+        if points.count:
+            blocks = _Blocks(1)
+            labels = points.labels
+            kernels.tap_entries_kernel[(_cdiv(points.count, blocks.points),)](
+                points.coords, points.coords if labels is None else labels, scales, points.count,
+                points.cells_per_box, points.output_height, points.output_width, batch, height, width, padding,
+                num_classes, self.keys, self.weights, ACC=_TL_DTYPES[acc], IS_BOX=points.is_box,
+                HAS_LABELS=labels is not None, BLOCK_P=blocks.points, num_warps=blocks.warps)
+        self.segments = _segments(self.keys) if deterministic else None
+
+
+def _segments(keys: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries sorted by key (stable, so the order is reproducible) -> (order, segment keys,
+    segment starts, segment counts)."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    segment_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return order, segment_keys, starts, counts
+
+
+class _CellGrads:
+    """What the fused backward scatters: ``grads (P, 4, M)`` of the cells' scores, their keys
+    ``label * KK + cell`` (``(P, 4)``; ``NC * KK`` where a point takes no gradient) and weights."""
+
+    def __init__(self, grads: Tensor, keys: Tensor, num_classes: int, cells: int, outputs: int):
+        self.grads = grads
+        self.keys = keys
+        self.cells = cells
+        self.sentinel = num_classes * cells
+        self.outputs = outputs
+
+
+def scatter_to_taps(entries: _TapEntries, points: Points, target: Tensor, channels: int, mode, grad=None,
+                    cell_grads: Optional[_CellGrads] = None, weight: Optional[Tensor] = None) -> None:
+    """Adds every point's channel gradients (``mode``, see ``kernels.point_channel_grads``) to its
+    four taps in ``target`` ``(B, channels, H, W)`` (zero-filled), by atomics or, with
+    ``entries.segments``, deterministically."""
+    if points.count == 0 or channels == 0:
+        return
+    blocks = _Blocks(channels)
+    _, _, height, width = target.shape
+    grad_args = (grad, *points.output_strides(grad)) if grad is not None else (target, 0, 0, 0, 0)
+    if cell_grads is not None:
+        cell_args = (cell_grads.grads, cell_grads.keys)
+        weight_args = (weight, *weight.stride()) if weight is not None else (target, 0, 0, 0, 0)
+        cell_args += weight_args + (cell_grads.cells, cell_grads.sentinel, cell_grads.outputs)
+    else:
+        cell_args = (target, entries.keys, target, 0, 0, 0, 0, 1, 0, 1)
+    common = (target, *target.stride(), channels, height, width, *grad_args, points.cells_per_box,
+              points.output_width, *cell_args)
+    acc = _TL_DTYPES[target.dtype]
+    if entries.segments is None:
+        grid = (_cdiv(points.count, blocks.points), _cdiv(channels, blocks.channels))
+        kernels.scatter_taps_atomic_kernel[grid](
+            entries.keys, entries.weights, points.count, entries.sentinel, *common, ACC=acc, MODE=mode,
+            BLOCK_P=blocks.points, BLOCK_C=blocks.channels, num_warps=blocks.warps)
+    else:
+        order, segment_keys, starts, counts = entries.segments
+        grid = (segment_keys.shape[0], _cdiv(channels, blocks.channels))
+        kernels.scatter_segments_kernel[grid](
+            segment_keys, starts, counts, order, entries.weights, entries.sentinel, *common, ACC=acc, MODE=mode,
+            BLOCK_E=blocks.entries, BLOCK_C=blocks.channels, num_warps=blocks.warps)
+
+
+def _feature_grad(feature: Tensor, accumulated: Tensor) -> Tensor:
+    """The gradient of ``feature`` with ``torch.empty_like(feature)``'s dtype and strides (what the
+    fake kernels promise)."""
+    expected = torch.empty_like(feature)
+    if accumulated.dtype == feature.dtype and accumulated.stride() == expected.stride():
+        return accumulated
+    return expected.copy_(accumulated)
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def sample_hypercolumns_backward(grad: Tensor, features: List[Tensor], points: Points, scale_y, scale_x,
+                                 padding: int) -> List[Tensor]:
+    """Gradients of the features of :func:`sample_hypercolumns` given the output's ``grad``."""
+    acc = accumulation_dtype(features[0].dtype)
+    scales = _scales(scale_y, scale_x, acc, grad.device)
+    deterministic = _deterministic()
+    grads = []
+    offset = 0
+    for layer, feature in enumerate(features):
+        channels = feature.shape[1]
+        target = torch.zeros_like(feature, dtype=acc)
+        entries = _TapEntries(feature, points, scales[2 * layer:], padding, 1, deterministic)
+        scatter_to_taps(entries, points, target, channels, kernels.SAMPLE_GRADS, grad=grad.narrow(1, offset, channels))
+        offset += channels
+        grads.append(_feature_grad(feature, target))
+    return grads
+
+
+# ----------------------------------------------------------------------------- fused
+
+
+class FusedOp:
+    """The normalised arguments of a fused operator, and its steps."""
+
+    def __init__(self, features: List[Tensor], points: Points, weights: List[Tensor], bias: Optional[Tensor],
+                 scale_y, scale_x, padding: int, activation: int, orders: List[int]):
+        self.features = features
+        self.points = points
+        self.weights = weights
+        self.bias = bias
+        self.padding = padding
+        self.activation = activation
+        self.orders = orders
+        self.num_classes, self.cells, self.outputs, _ = weights[0].shape
+        self.grid = round(self.cells ** 0.5)
+        self.acc = accumulation_dtype(features[0].dtype)
+        self.scales = _scales(scale_y, scale_x, self.acc, features[0].device)
+        self.blocks = _Blocks(max(f.shape[1] for f in features), self.outputs)
+
+    def _point_args(self):
+        p = self.points
+        return (p.coords, p.coords if p.locations is None else p.locations,
+                p.coords if p.labels is None else p.labels)
+
+    def _flags(self):
+        p = self.points
+        return dict(ACC=_TL_DTYPES[self.acc], IS_BOX=p.is_box, HAS_LOCATIONS=p.locations is not None,
+                    HAS_LABELS=p.labels is not None)
+
+    def projected_scores(self, layer: int) -> Tensor:
+        """Score map ``(B, NC * KK * M, H, W)`` of a project-scores layer: a 1x1 convolution."""
+        feature, weight = self.features[layer], self.weights[layer]
+        return torch.einsum("qc,bchw->bqhw", weight.reshape(-1, weight.shape[-1]), feature)
+
+    def cell_scores(self) -> Tensor:
+        """``(P, 4, M)`` scores (without bias) of each point's <= 4 cells, summed over layers."""
+        p = self.points
+        scores = torch.zeros(p.count, 4, self.outputs, dtype=self.acc, device=p.coords.device)
+        if p.count == 0:
+            return scores
+        coords, locations, labels = self._point_args()
+        blocks = self.blocks
+        for layer, (feature, weight, order) in enumerate(zip(self.features, self.weights, self.orders)):
+            batch, channels, height, width = feature.shape
+            source = self.projected_scores(layer) if order == PROJECT_SCORES else feature
+            grid = (_cdiv(p.count, blocks.dot_points), _cdiv(self.outputs, blocks.outputs))
+            kernels.cell_scores_kernel[grid](
+                source, *source.stride(), channels, height, width, weight, *weight.stride(), coords, locations,
+                labels, self.scales[2 * layer:], p.count, p.cells_per_box, p.output_height, p.output_width, batch,
+                self.padding, self.grid, self.num_classes, self.outputs, scores, ORDER=int(order),
+                BLOCK_P=blocks.dot_points, BLOCK_M=blocks.outputs, BLOCK_C=blocks.dot_channels,
+                num_warps=blocks.warps, **self._flags())
+        return scores
+
+    def _blend(self, scores: Tensor, out: Tensor, cell_keys: Tensor, gradients: bool) -> None:
+        p = self.points
+        if p.count == 0:
+            return
+        coords, locations, labels = self._point_args()
+        bias = self.bias
+        bias_args = (bias, *bias.stride()) if bias is not None else (scores, 0, 0, 0)
+        blocks = self.blocks
+        grid = (_cdiv(p.count, blocks.points), _cdiv(self.outputs, blocks.outputs))
+        kernels.blend_cells_kernel[grid](
+            scores, *bias_args, labels, coords, locations, p.count, p.cells_per_box, p.output_height,
+            p.output_width, self.features[0].shape[0], self.grid, self.num_classes, self.outputs, out,
+            *p.output_strides(out), cell_keys, GRADIENTS=gradients, HAS_BIAS=bias is not None,
+            ACTIVATION=self.activation, BLOCK_P=blocks.points, BLOCK_M=blocks.outputs, num_warps=blocks.warps,
+            **self._flags())
+
+    def forward(self, out: Tensor) -> Tensor:
+        self._blend(self.cell_scores(), out, out, gradients=False)
+        return out
+
+    def backward(self, grad: Tensor) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+        p = self.points
+        device = grad.device
+        if self.activation == ACTIVATION_SIGMOID:
+            scores = self.cell_scores()
+        else:  # the gradient of a linear blend does not depend on the scores
+            scores = torch.zeros(p.count, 4, self.outputs, dtype=self.acc, device=device)
+        cell_keys = torch.empty(p.count * 4, dtype=torch.int64, device=device)
+        self._blend(scores, grad, cell_keys, gradients=True)
+        cell_grads = _CellGrads(scores, cell_keys, self.num_classes, self.cells, self.outputs)
+        grad_bias = self._bias_grad(cell_grads)
+        deterministic = _deterministic()
+        grad_features, grad_weights = [], []
+        for layer, (feature, weight, order) in enumerate(zip(self.features, self.weights, self.orders)):
+            entries = _TapEntries(feature, p, self.scales[2 * layer:], self.padding, self.num_classes,
+                                  deterministic)
+            if order == PROJECT_SCORES:
+                grad_feature, grad_weight = self._project_scores_grads(feature, weight, entries, cell_grads)
+            else:
+                grad_feature, grad_weight = self._sample_features_grads(feature, weight, entries, cell_grads)
+            grad_features.append(_feature_grad(feature, grad_feature))
+            grad_weights.append(torch.empty_like(weight).copy_(grad_weight.reshape(weight.shape)))
+        return grad_features, grad_weights, grad_bias
+
+    def _bias_grad(self, cell_grads: _CellGrads) -> Tensor:
+        """``(rows, KK, M)``: each point's cell gradients summed into its row's cells (over the
+        whole grid of a box), with torch's index_put_ (deterministic when requested)."""
+        p = self.points
+        grad_bias = torch.zeros(p.rows * self.cells, self.outputs, dtype=self.acc, device=p.coords.device)
+        rows = torch.arange(p.count, device=p.coords.device).div(p.cells_per_box, rounding_mode="floor")
+        index = rows.repeat_interleave(4) * self.cells + cell_grads.keys % self.cells
+        grad_bias.index_put_((index,), cell_grads.grads.view(-1, self.outputs), accumulate=True)
+        return grad_bias.view(p.rows, self.cells, self.outputs).to(self.features[0].dtype)
+
+    def _project_scores_grads(self, feature: Tensor, weight: Tensor, entries: _TapEntries,
+                              cell_grads: _CellGrads) -> Tuple[Tensor, Tensor]:
+        """Scatter the cell gradients into the score map's gradient, then the 1x1 convolution's
+        two matrix products give the feature's and the weight's gradients."""
+        batch, _, height, width = feature.shape
+        channels = self.num_classes * self.cells * self.outputs
+        target = torch.zeros(batch, channels, height, width, dtype=self.acc, device=feature.device)
+        p = self.points
+        if p.count and entries.segments is None:
+            blocks = self.blocks
+            grid = (_cdiv(p.count, blocks.points), _cdiv(self.outputs, blocks.outputs))
+            kernels.scatter_cell_grads_atomic_kernel[grid](
+                entries.keys, entries.weights, p.count, entries.sentinel, target, *target.stride(), height, width,
+                cell_grads.grads, cell_grads.keys, cell_grads.sentinel, self.outputs, BLOCK_P=blocks.points,
+                BLOCK_M=blocks.outputs, num_warps=blocks.warps)
+        else:
+            scatter_to_taps(entries, p, target, channels, kernels.SCORE_MAP_GRADS, cell_grads=cell_grads)
+        score_grad = target.to(feature.dtype)
+        matrix = weight.reshape(-1, weight.shape[-1])
+        grad_feature = torch.einsum("qc,bqhw->bchw", matrix, score_grad)
+        grad_weight = torch.einsum("bqhw,bchw->qc", score_grad, feature)
+        return grad_feature, grad_weight
+
+    def _sample_features_grads(self, feature: Tensor, weight: Tensor, entries: _TapEntries,
+                               cell_grads: _CellGrads) -> Tuple[Tensor, Tensor]:
+        """Feature gradient: each point's ``sum grad_cell x W[cell]`` scattered to its taps. Weight
+        gradient: per cell key, ``sum_p grad_cell[p] x f(p)`` (deterministic segments)."""
+        batch, channels, height, width = feature.shape
+        target = torch.zeros_like(feature, dtype=self.acc)
+        scatter_to_taps(entries, self.points, target, channels, kernels.FEATURE_GRADS, cell_grads=cell_grads,
+                        weight=weight)
+        grad_weight = torch.zeros(self.num_classes * self.cells, self.outputs, channels, dtype=self.acc,
+                                  device=feature.device)
+        if self.points.count and channels:
+            order, segment_keys, starts, counts = _segments(cell_grads.keys)
+            blocks = _Blocks(channels, self.outputs)
+            grid = (segment_keys.shape[0], _cdiv(channels, blocks.dot_channels), _cdiv(self.outputs, blocks.outputs))
+            kernels.weight_grad_segments_kernel[grid](
+                segment_keys, starts, counts, order, cell_grads.sentinel, cell_grads.grads, self.outputs,
+                entries.keys, entries.weights, entries.sentinel, feature, *feature.stride(), channels, height, width,
+                grad_weight, ACC=_TL_DTYPES[self.acc], BLOCK_E=blocks.entries, BLOCK_M=blocks.outputs,
+                BLOCK_C=blocks.dot_channels, num_warps=blocks.warps)
+        return target, grad_weight
