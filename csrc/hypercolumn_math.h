@@ -1,5 +1,5 @@
 // The coordinate and weight math of ../shared/CONTRACT.md, written once for the C++ and CUDA
-// kernels. hypercolumn_ops/reference.py and hypercolumn_ops/triton/ follow the same names and
+// kernels. hypercolumn_ops/reference.py and hypercolumn_ops/triton_backend/ follow the same names and
 // steps.
 #pragma once
 

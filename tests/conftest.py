@@ -5,6 +5,9 @@
 - CUBLAS_WORKSPACE_CONFIG: the reference backend multiplies matrices with cuBLAS, which
   torch.use_deterministic_algorithms(True) allows only with a fixed workspace; it must be set
   before cuBLAS starts, hence here.
+- TRITON_INTERPRET=1 where the machine has no NVIDIA device: the Triton kernels then run on
+  CPU tensors through Triton's interpreter, so their tests run in CI too. It must be set before
+  triton is imported, hence here, before torch.
 - ``needs_cuda``: tests marked with it are skipped where no CUDA device is visible.
 """
 
@@ -12,6 +15,8 @@ import os
 
 os.environ["HYPERCOLUMN_OPS_POISON"] = "1"
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,7 +3,7 @@
 Runs on a CUDA device, or on the CPU under Triton's interpreter, which must be switched on before
 triton is first imported, so it needs a pytest process of its own:
 
-    TRITON_INTERPRET=1 python -m pytest tests/test_triton.py
+    python -m pytest tests/test_triton.py   (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
 
 Without CUDA and without TRITON_INTERPRET=1 every test here is skipped.
 """
