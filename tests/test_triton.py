@@ -1,11 +1,8 @@
 """The ``"triton"`` backend against the reference.
 
 Runs on a CUDA device, or on the CPU under Triton's interpreter, which must be switched on before
-triton is first imported, so it needs a pytest process of its own:
-
-    python -m pytest tests/test_triton.py   (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
-
-Without CUDA and without TRITON_INTERPRET=1 every test here is skipped.
+triton is first imported: tests/conftest.py sets TRITON_INTERPRET=1 on machines without an NVIDIA
+device, so a plain ``python -m pytest tests`` runs these tests everywhere.
 """
 
 import os
