@@ -152,7 +152,7 @@ def estimated_bytes(workload: Workload, method: str, mode: str) -> int:
     if method == "roi_align_concat":
         return 2 * columns + (columns if backward else 0)
     if method == "grid_sample":
-        return 3 * columns + (2 * columns if backward else 0)
+        return 2 * columns + (2 * columns if backward else 0)
     if method == "classify_then_sample":
         scores = workload.cells * workload.outputs
         maps = sum(b * h * w for b, _, h, w in workload.feature_shapes()) * scores * size

@@ -42,6 +42,7 @@ def _require_padding(name: str, padding: int, supported: int) -> None:
 
 
 def _compute_in(dtype: torch.dtype, tensors: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The tensors cast to the compute dtype (differentiably; None stays None)."""
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
@@ -174,7 +175,8 @@ def naive_fused_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Seq
     classifier as a batched matrix product. Padding ``"border"``; equal to the operator where the
     grid points are pixel centres (e.g. a whole-image box with ``output_size = image_size``), an
     interpolation of an interpolation elsewhere. Memory: ``2 * B * sum C_l * H * W +
-    R * sum C_l * oh * ow`` elements in forward, about as much again for backward.
+    R * sum C_l * oh * ow`` elements in forward, about as much again for backward. Work: one
+    interpolation per element of the image-size hypercolumn, however few the boxes.
     """
     (features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding_code,
      activation_code, _) = ops.normalise_fused_hypercolumn(
@@ -280,23 +282,32 @@ def _grid_sample_columns(features: List[Tensor], points: Tensor, scale_y: List[f
 
     ``grid_sample(align_corners=False)`` reads normalised ``g`` at feature pixel
     ``((g + 1) * W_l - 1) / 2``; ``g = 2 * x * sx / W_l - 1`` makes that ``x * sx - 0.5``.
-    ``grid_sample`` takes one point set per image, so points are grouped by batch index.
+    ``grid_sample`` takes one point set per image, so with several images the points are grouped
+    by batch index and scattered back (with one, as in the benchmarks, they are not).
     """
+    if features[0].shape[0] == 1:
+        return _point_sample_image(features, 0, points, scale_y, scale_x)
     batch_values = points[:, 0]
     columns = features[0].new_zeros(points.shape[0], sum(f.shape[1] for f in features))
     for image in range(features[0].shape[0]):
         rows = (batch_values == image).nonzero().flatten()
-        per_layer = []
-        for feature, sy, sx in zip(features, scale_y, scale_x):
-            height, width = feature.shape[2:]
-            gx = 2 * points[rows, 1] * sx / width - 1
-            gy = 2 * points[rows, 2] * sy / height - 1
-            grid = torch.stack([gx, gy], dim=1).to(feature.dtype)[None, None]  # (1, 1, N_b, 2)
-            sampled = F.grid_sample(feature[image:image + 1], grid, mode="bilinear", padding_mode="border",
-                                    align_corners=False)
-            per_layer.append(sampled[0, :, 0].t())
-        columns = columns.index_put((rows,), torch.cat(per_layer, dim=1))
+        columns = columns.index_put((rows,), _point_sample_image(features, image, points[rows], scale_y, scale_x))
     return columns
+
+
+def _point_sample_image(features: List[Tensor], image: int, points: Tensor, scale_y: List[float],
+                        scale_x: List[float]) -> Tensor:
+    """``point_sample`` of every layer of one image at points ``(N, 3)`` -> ``(N, sum C_l)``."""
+    per_layer = []
+    for feature, sy, sx in zip(features, scale_y, scale_x):
+        height, width = feature.shape[2:]
+        gx = 2 * points[:, 1] * sx / width - 1
+        gy = 2 * points[:, 2] * sy / height - 1
+        grid = torch.stack([gx, gy], dim=1).to(feature.dtype)[None, None]  # (1, 1, N, 2)
+        sampled = F.grid_sample(feature[image:image + 1], grid, mode="bilinear", padding_mode="border",
+                                align_corners=False)
+        per_layer.append(sampled[0, :, 0].t())
+    return torch.cat(per_layer, dim=1)
 
 
 def grid_sample_points(features: Sequence[Tensor], points: Tensor, *, image_size: Optional[Sequence[int]] = None,
@@ -306,7 +317,8 @@ def grid_sample_points(features: Sequence[Tensor], points: Tensor, *, image_size
     Per layer ``F.grid_sample(align_corners=False, padding_mode="border")`` at the points,
     concatenated. Exact, padding ``"border"`` (PointRend's default ``padding_mode="zeros"`` instead
     fades each out-of-map tap to zero, which is neither of the contract's paddings). Memory: the
-    output plus, per layer, an ``(N, C_l)`` sample and its transposed copy.
+    per-layer samples and their concatenation, ``2 * N * sum C_l`` elements (twice more with
+    several images, to regroup the points).
     """
     features, points, scale_y, scale_x, padding_code = ops.normalise_sparse_hypercolumn(
         features, points, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
@@ -337,7 +349,7 @@ def grid_sample_fused_points(features: Sequence[Tensor], points: Tensor, weights
 
     The hypercolumns of :func:`grid_sample_points` ``(N, sum C_l)``, then the reference's
     location-weighted classifier. Exact, padding ``"border"``. Memory: the ``(N, sum C_l)``
-    hypercolumns (a few copies), kept for backward.
+    hypercolumns twice (per layer, then concatenated), kept for backward.
     """
     (features, points, locations, weights, bias, labels, scale_y, scale_x, padding_code, activation_code,
      _) = ops.normalise_fused_hypercolumn_points(
