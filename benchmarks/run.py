@@ -341,7 +341,8 @@ def markdown(report: Dict) -> str:
         f"- Machine: {machine['cpu']}, {machine['cpu_count']} logical cores, {machine['torch_threads']} torch "
         f"threads, {machine['memory_gib']} GiB" + (f"; GPU {machine['gpu']}" if "gpu" in machine else ""),
         f"- Date: {machine['date']}; Python {machine['python']}, torch {machine['torch']}, torchvision "
-        f"{machine['torchvision']}, triton {machine['triton']}; hypercolumn_ops commit {machine['hypercolumn_ops_commit']}",
+        f"{machine['torchvision']}, triton {machine['triton']}; "
+        f"hypercolumn_ops commit {machine['hypercolumn_ops_commit']}",
         f"- Fused backends timed: {', '.join(settings['backends']) or 'none available'}",
         f"- Time: median ms after warm-up ({settings['repetitions']['min_reps']}+ repetitions). Memory: "
         f"{settings['memory']}, MB. Error: ||out - ref|| / ||ref|| against the float64 reference on "
@@ -387,7 +388,8 @@ def chart(report: Dict, path: str) -> None:
     rows = report["results"]
     workloads = list(dict.fromkeys(row["workload"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    panels = [("median_ms", FORWARD, "forward time (ms)"), ("median_ms", FORWARD_BACKWARD, "forward+backward time (ms)"),
+    panels = [("median_ms", FORWARD, "forward time (ms)"),
+              ("median_ms", FORWARD_BACKWARD, "forward+backward time (ms)"),
               ("peak_bytes", FORWARD, "forward peak memory (MB)"),
               ("peak_bytes", FORWARD_BACKWARD, "forward+backward peak memory (MB)")]
     figure, axes = plt.subplots(2, 2, figsize=(14, 9))

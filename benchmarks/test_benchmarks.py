@@ -24,7 +24,8 @@ DEVICE = torch.device(os.environ.get("HYPERCOLUMN_OPS_BENCH_DEVICE", "cpu"))
 DTYPE = DTYPES[os.environ.get("HYPERCOLUMN_OPS_BENCH_DTYPE", "float32")]
 FULL = os.environ.get("HYPERCOLUMN_OPS_BENCH_FULL") == "1"
 NAMES = list(WORKLOADS) if FULL else list(QUICK_WORKLOADS)
-CASES = [(name, method, mode) for name in NAMES for method in method_names(WORKLOADS[name].op, fused_backends(DEVICE.type))
+BACKENDS = fused_backends(DEVICE.type)
+CASES = [(name, method, mode) for name in NAMES for method in method_names(WORKLOADS[name].op, BACKENDS)
          for mode in MODES]
 
 
