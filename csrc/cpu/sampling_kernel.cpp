@@ -1,0 +1,217 @@
+// CPU kernels of sparse_hypercolumn and box_hypercolumn, forward and backward.
+//
+// Forward: parallel over blocks of points; per block and layer the bilinear taps are computed
+// once per point, then every channel is gathered with them (no copy of the features, whatever
+// their strides). Backward: parallel over channel blocks of each layer; an item scatters all
+// points, in order, into a float accumulator of its channels and writes that into the gradient,
+// so each gradient element has one writer and a fixed summation order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/sampling.h"
+#include "poison.h"
+
+namespace hypercolumn_ops {
+namespace cpu {
+namespace {
+
+// Points per forward block: with channel-strided (NCHW) features one channel plane is read by
+// this many points while it is in cache.
+constexpr int64_t kSampleBlock = 1024;
+
+std::vector<int64_t> first_channels(at::TensorList features) {
+  std::vector<int64_t> first;
+  int64_t channel = 0;
+  for (const auto& f : features) {
+    first.push_back(channel);
+    channel += f.size(1);
+  }
+  return first;
+}
+
+// Hypercolumns of every point of `source` into `out` at `layout` (layer l's channels start at
+// the sum of the earlier layers' channel counts). Each element is written once; points that
+// sample nothing (invalid batch index, non-finite coordinates) get NaN.
+template <typename scalar_t, typename Source>
+void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<double> scale_y,
+                    at::ArrayRef<double> scale_x, int64_t padding, scalar_t* out,
+                    const PointLayout& layout) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<FeatureMap<scalar_t>> maps;
+  for (size_t l = 0; l < features.size(); ++l)
+    maps.push_back(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
+  const std::vector<int64_t> first = first_channels(features);
+  at::parallel_for(0, source.size(), kSampleBlock, [&](int64_t begin, int64_t end) {
+    std::vector<ImagePoint<acc_t>> points(kSampleBlock);
+    std::vector<SampleTaps<acc_t>> taps(kSampleBlock);
+    std::vector<int64_t> offsets(kSampleBlock);
+    for (int64_t start = begin; start < end; start += kSampleBlock) {
+      const int64_t count = std::min(kSampleBlock, end - start);
+      for (int64_t i = 0; i < count; ++i) {
+        points[i] = source(start + i);
+        offsets[i] = layout.offset(start + i);
+      }
+      for (size_t l = 0; l < maps.size(); ++l) {
+        const FeatureMap<scalar_t>& map = maps[l];
+        for (int64_t i = 0; i < count; ++i) {
+          int64_t b;
+          taps[i] = sample_batch(points[i], map.batch, &b)
+                        ? sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b,
+                                             map.stride_b, map.stride_h, map.stride_w)
+                        : invalid_taps<acc_t>();
+        }
+        gather_channels(map, taps.data(), offsets.data(), count, 0, map.channels,
+                        out + first[l] * layout.channel_stride, layout.channel_stride);
+      }
+    }
+  });
+}
+
+// Gradients of every feature map from `grad` (the output's gradient, read at `layout`).
+template <typename scalar_t, typename Source>
+std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const PointLayout& layout,
+                                        at::TensorList features, const Source& source,
+                                        at::ArrayRef<double> scale_y,
+                                        at::ArrayRef<double> scale_x, int64_t padding) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<at::Tensor> grads;
+  std::vector<int64_t> layers;
+  for (size_t l = 0; l < features.size(); ++l) {
+    grads.push_back(at::empty_like(features[l]));  // every element written by one block
+    layers.push_back(static_cast<int64_t>(l));
+  }
+  const std::vector<int64_t> first = first_channels(features);
+  const std::vector<ChannelBlock> blocks = channel_blocks(features, layers);
+  const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
+  run_items(static_cast<int64_t>(blocks.size()), [&](int64_t item) {
+    const ChannelBlock& block = blocks[item];
+    const FeatureMap<scalar_t> map =
+        feature_map<scalar_t>(features[block.layer], scale_y[block.layer], scale_x[block.layer]);
+    const int64_t channels = block.c1 - block.c0;
+    std::vector<acc_t> accumulator(map.batch * map.height * map.width * channels, acc_t(0));
+    std::vector<acc_t> column(channels);
+    const scalar_t* grad_block =
+        grad_data + (first[block.layer] + block.c0) * layout.channel_stride;
+    for (int64_t p = 0; p < source.size(); ++p) {
+      const ImagePoint<acc_t> point = source(p);
+      int64_t b;
+      if (!sample_batch(point, map.batch, &b)) continue;  // no gradient from points that sample nothing
+      const SampleTaps<acc_t> taps =
+          sample_taps<acc_t>(map, point.x, point.y, padding, b, map.height * map.width * channels,
+                             map.width * channels, channels);
+      const scalar_t* g = grad_block + layout.offset(p);
+      for (int64_t c = 0; c < channels; ++c) column[c] = acc_t(g[c * layout.channel_stride]);
+      for (int t = 0; t < 4; ++t) {
+        const acc_t weight = taps.weight[t];
+        acc_t* to = accumulator.data() + taps.offset[t];
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) to[c] += weight * column[c];
+      }
+    }
+    write_channel_block<scalar_t>(accumulator, grads[block.layer], block.c0, block.c1);
+  });
+  return grads;
+}
+
+at::Tensor sparse_hypercolumn_cpu(at::TensorList features, const at::Tensor& points,
+                                  at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                  int64_t padding) {
+  check_features(features);
+  check_scales(scale_y, scale_x, features.size());
+  check_padding(padding);
+  const at::Tensor coords = check_coordinates("points", points, 3, features[0].scalar_type());
+  const int64_t count = coords.size(0), channels = total_channels(features);
+  at::Tensor out = new_output({count, channels}, features[0].options());
+  if (count == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sparse_hypercolumn", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(), nullptr, count};
+    sample_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>(),
+                             row_layout(channels, 1));
+  });
+  return out;
+}
+
+std::vector<at::Tensor> sparse_hypercolumn_backward_cpu(const at::Tensor& grad,
+                                                        at::TensorList features,
+                                                        const at::Tensor& points,
+                                                        at::ArrayRef<double> scale_y,
+                                                        at::ArrayRef<double> scale_x,
+                                                        int64_t padding) {
+  check_features(features);
+  check_scales(scale_y, scale_x, features.size());
+  check_padding(padding);
+  const at::Tensor coords = check_coordinates("points", points, 3, features[0].scalar_type());
+  const int64_t count = coords.size(0);
+  check_grad(grad, {count, total_channels(features)}, features[0].scalar_type());
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_hypercolumn_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(), nullptr, count};
+    grads = sample_backward<scalar_t>(grad, row_layout(grad.stride(0), grad.stride(1)), features,
+                                      source, scale_y, scale_x, padding);
+  });
+  return grads;
+}
+
+at::Tensor box_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxes,
+                               int64_t output_height, int64_t output_width,
+                               at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                               int64_t padding) {
+  check_features(features);
+  check_output_size(output_height, output_width);
+  check_scales(scale_y, scale_x, features.size());
+  check_padding(padding);
+  const at::Tensor coords = check_coordinates("boxes", boxes, 5, features[0].scalar_type());
+  const int64_t count = coords.size(0), channels = total_channels(features);
+  at::Tensor out =
+      new_output({count, channels, output_height, output_width}, features[0].options());
+  if (count == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "box_hypercolumn", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
+    sample_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>(),
+                             grid_layout(out));
+  });
+  return out;
+}
+
+std::vector<at::Tensor> box_hypercolumn_backward_cpu(const at::Tensor& grad,
+                                                     at::TensorList features,
+                                                     const at::Tensor& boxes,
+                                                     int64_t output_height, int64_t output_width,
+                                                     at::ArrayRef<double> scale_y,
+                                                     at::ArrayRef<double> scale_x,
+                                                     int64_t padding) {
+  check_features(features);
+  check_output_size(output_height, output_width);
+  check_scales(scale_y, scale_x, features.size());
+  check_padding(padding);
+  const at::Tensor coords = check_coordinates("boxes", boxes, 5, features[0].scalar_type());
+  const int64_t count = coords.size(0);
+  check_grad(grad, {count, total_channels(features), output_height, output_width},
+             features[0].scalar_type());
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "box_hypercolumn_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
+    grads = sample_backward<scalar_t>(grad, grid_layout(grad), features, source, scale_y, scale_x,
+                                      padding);
+  });
+  return grads;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hypercolumn_ops
+
+TORCH_LIBRARY_IMPL(hypercolumn_ops, CPU, m) {
+  using namespace hypercolumn_ops::cpu;
+  m.impl("sparse_hypercolumn", TORCH_FN(sparse_hypercolumn_cpu));
+  m.impl("sparse_hypercolumn_backward", TORCH_FN(sparse_hypercolumn_backward_cpu));
+  m.impl("box_hypercolumn", TORCH_FN(box_hypercolumn_cpu));
+  m.impl("box_hypercolumn_backward", TORCH_FN(box_hypercolumn_backward_cpu));
+}

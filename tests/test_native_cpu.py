@@ -1,0 +1,401 @@
+"""The native backend's C++ CPU kernels (csrc/cpu/) against the reference: every shared case in
+float64, both evaluation orders of the fused operators, gradcheck, opcheck, determinism across
+runs and thread counts, low-precision dtypes, and points that must give NaN without reading out
+of bounds."""
+
+import pytest
+import torch
+
+import hypercolumn_ops
+from hypercolumn_ops import ops, reference
+from cases import (IMAGE, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
+                   features, fused_cases, points)
+
+# float64: the kernels sum in another order than the reference (blocked dot products, GEMM
+# tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
+# floor is for elements that cancel to ~0 (inputs are O(1)), where a relative bound means nothing.
+RTOL64 = ATOL64 = 1e-12
+
+ORDERS = {"sample_features": lambda layers: [0] * layers, "project_scores": lambda layers: [1] * layers,
+          "mixed": lambda layers: [layer % 2 for layer in range(layers)]}
+
+
+@pytest.fixture(autouse=True)
+def native_built():
+    assert "native" in hypercolumn_ops.available_backends("cpu"), (
+        "the compiled extension is not built: python setup.py build_ext --inplace")
+
+
+@pytest.mark.parametrize("case", all_cases(torch.float64, "cpu", requires_grad=True), ids=repr)
+def test_matches_reference_float64(case):
+    assert_close_to_reference(case, "native", RTOL64, ATOL64)
+
+
+def normalised_args(case):
+    """The compiled operator's arguments of a fused case (still differentiable w.r.t. the case's tensors)."""
+    normalise = (ops.normalise_fused_hypercolumn if case.op == "fused_hypercolumn"
+                 else ops.normalise_fused_hypercolumn_points)
+    return list(normalise(*case.args, **case.kwargs))
+
+
+def finite_probe_loss(out, probe):
+    return (torch.where(torch.isfinite(out), out, torch.zeros_like(out)) * probe).sum()
+
+
+def forward_and_grads(function, args, inputs, probe):
+    out = function(*args)
+    if not inputs:
+        return out.detach(), []
+    grads = torch.autograd.grad(finite_probe_loss(out, probe), inputs, allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("case", fused_cases(torch.float64, "cpu", requires_grad=True), ids=repr)
+def test_fused_orders_match_reference_float64(case, order):
+    def args():  # afresh per call: the normalised bias is a differentiable view of the case's
+        normalised = normalised_args(case)
+        normalised[-1] = ORDERS[order](len(normalised[0]))
+        return normalised
+
+    inputs = differentiable_inputs(case)
+    native = getattr(torch.ops.hypercolumn_ops, case.op)
+    probe = torch.randn(native(*args()).shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out, grads = forward_and_grads(native, args(), inputs, probe)
+    expected, expected_grads = forward_and_grads(getattr(reference, case.op), args(), inputs, probe)
+    torch.testing.assert_close(out, expected, rtol=RTOL64, atol=ATOL64, equal_nan=True)
+    for index, (grad, expected_grad) in enumerate(zip(grads, expected_grads)):
+        torch.testing.assert_close(grad, expected_grad, rtol=RTOL64, atol=ATOL64,
+                                   msg=lambda m: f"grad of input {index}: {m}")
+
+
+# ----------------------------------------------------------------------------- gradcheck, opcheck
+
+SMALL_SHAPES = ((2, 5, 6), (3, 3, 2))
+SMALL_IMAGE = (9, 11)
+
+
+def small_inputs(seed, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    f = features(torch.float64, "cpu", layout, g, True, shapes=SMALL_SHAPES)
+    p = points(5, torch.float64, "cpu", g, image=SMALL_IMAGE)
+    b = boxes(2, torch.float64, "cpu", g, image=SMALL_IMAGE)
+    w = classifier(2, 2, None, torch.float64, "cpu", g, True, shapes=SMALL_SHAPES)
+    bias = torch.randn(4, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    locations = torch.rand(p.shape[0], 2, generator=g, dtype=torch.float64)
+    return f, p, b, w, bias, locations
+
+
+@pytest.mark.parametrize("seed,layout", [(0, "contiguous"), (1, "channels_last"), (2, "strided")])
+def test_gradcheck_sampling(seed, layout):
+    f, p, b, _, _, _ = small_inputs(seed, layout)
+    with hypercolumn_ops.use_backend("native"):
+        assert torch.autograd.gradcheck(lambda *fs: hypercolumn_ops.sparse_hypercolumn(list(fs), p, image_size=SMALL_IMAGE), f)
+        assert torch.autograd.gradcheck(
+            lambda *fs: hypercolumn_ops.box_hypercolumn(list(fs), b, (3, 2), image_size=SMALL_IMAGE, padding="zeros"), f)
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_gradcheck_fused(order, activation):
+    f, p, b, w, bias, locations = small_inputs(4)
+    layers = len(f)
+
+    def fused(*tensors):
+        args = list(ops.normalise_fused_hypercolumn(list(tensors[:layers]), b, list(tensors[layers:2 * layers]),
+                                                    tensors[-1], output_size=(3, 2), image_size=SMALL_IMAGE,
+                                                    activation=activation))
+        args[-1] = ORDERS[order](layers)
+        return torch.ops.hypercolumn_ops.fused_hypercolumn(*args)
+
+    def fused_points(*tensors):
+        args = list(ops.normalise_fused_hypercolumn_points(list(tensors[:layers]), p, list(tensors[layers:2 * layers]),
+                                                           tensors[-1], locations=locations, image_size=SMALL_IMAGE,
+                                                           activation=activation, padding="zeros"))
+        args[-1] = ORDERS[order](layers)
+        return torch.ops.hypercolumn_ops.fused_hypercolumn_points(*args)
+
+    assert torch.autograd.gradcheck(fused, (*f, *w, bias))
+    assert torch.autograd.gradcheck(fused_points, (*f, *w, bias))
+
+
+def opcheck_args(case):
+    """(operator overload, compiled arguments) of a case."""
+    normalise = getattr(ops, "normalise_" + case.op)
+    return getattr(torch.ops.hypercolumn_ops, case.op).default, tuple(normalise(*case.args, **case.kwargs))
+
+
+def opcheck_cases():
+    chosen = {}
+    for requires_grad in (False, True):
+        for case in all_cases(torch.float64, "cpu", requires_grad=requires_grad):
+            key = (case.op, requires_grad, case.name.split("-")[-1])  # one per op, grad mode and layout
+            chosen.setdefault(key, case)
+    return list(chosen.values())
+
+
+@pytest.mark.parametrize("case", opcheck_cases(), ids=lambda c: f"{c!r}-grad{differentiable_inputs(c) != []}")
+def test_opcheck(case):
+    op, args = opcheck_args(case)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", [c for c in all_cases(torch.float64, "cpu") if c.name.endswith("strided")
+                                  or c.name.endswith("channels_last")], ids=repr)
+def test_opcheck_backward_ops(case):
+    op, args = opcheck_args(case)
+    out = op(*args)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(getattr(torch.ops.hypercolumn_ops, case.op + "_backward").default, (grad, *args))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def determinism_cases():
+    """Large enough to split into many point blocks, channel blocks, row bands and GEMM tiles."""
+    g = torch.Generator().manual_seed(7)
+    shapes = ((24, 150, 130), (300, 19, 17))
+    image = (300, 260)
+    f = [t.requires_grad_(True) for t in features(torch.float32, "cpu", "contiguous", g, shapes=shapes, batch=2)]
+    f[1] = f[1].detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = classifier(3, 2, 3, torch.float32, "cpu", g, True, shapes=shapes)
+    b = boxes(10, torch.float32, "cpu", g, image=image, batch=2)
+    p = points(3000, torch.float32, "cpu", g, image=image, batch=2)
+    labels = torch.randint(0, 3, (b.shape[0],), generator=g)
+    point_labels = torch.randint(0, 3, (p.shape[0],), generator=g)
+    locations = torch.rand(p.shape[0], 2, generator=g)
+    bias = torch.randn(3, 9, 2, generator=g).requires_grad_(True)
+    cases = {
+        "sparse": (lambda: hypercolumn_ops.sparse_hypercolumn(f, p, image_size=image), f),
+        "box": (lambda: hypercolumn_ops.box_hypercolumn(f, b, (13, 11), image_size=image), f),
+    }
+
+    def fused(orders):  # normalised afresh per call: the bias rows are a differentiable view
+        args = ops.normalise_fused_hypercolumn(f, b, w, bias, output_size=(20, 18), image_size=image, labels=labels,
+                                               activation="sigmoid")
+        return torch.ops.hypercolumn_ops.fused_hypercolumn(*args[:-1], orders)
+
+    def fused_points(orders):
+        args = ops.normalise_fused_hypercolumn_points(f, p, w, bias, locations=locations, image_size=image,
+                                                      labels=point_labels, activation="sigmoid")
+        return torch.ops.hypercolumn_ops.fused_hypercolumn_points(*args[:-1], orders)
+
+    for order, orders in (("sample_features", [0, 0]), ("project_scores", [1, 1])):
+        cases["fused-" + order] = (lambda orders=orders: fused(orders), [*f, *w, bias])
+        cases["fused_points-" + order] = (lambda orders=orders: fused_points(orders), [*f, *w, bias])
+    return cases
+
+
+DETERMINISM_CASES = determinism_cases()
+
+
+def run_with_threads(name, threads):
+    call, inputs = DETERMINISM_CASES[name]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    # Deterministic mode as the contract states it: it also covers PyTorch's own backward of
+    # the class-bias lookup (an index with accumulation) around the kernels.
+    torch.use_deterministic_algorithms(True)
+    try:
+        with hypercolumn_ops.use_backend("native"):
+            out = call()
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        grads = torch.autograd.grad(finite_probe_loss(out, probe), inputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(previous)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("name", list(DETERMINISM_CASES))
+def test_bitwise_deterministic_across_runs_and_thread_counts(name):
+    first = run_with_threads(name, 2)
+    again = run_with_threads(name, 2)
+    single = run_with_threads(name, 1)
+    for index, (a, b, c) in enumerate(zip(first, again, single)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name}: tensor {index} differs from run to run"
+        assert torch.equal(a.nan_to_num(), c.nan_to_num()), f"{name}: tensor {index} differs with 1 thread"
+
+
+# ----------------------------------------------------------------------------- low precision
+
+# Against the float64 reference evaluated on the same (rounded) inputs. The kernels accumulate
+# in float32, so the error is float32 summation over ~20-70 terms plus one final rounding to the
+# output dtype: float32 ~1e-6 relative (tolerance 1e-5 with a 1e-5 floor for values that
+# cancel); float16 rounds to 2^-11 ~ 4.9e-4 relative (2e-3); bfloat16 to 2^-8 ~ 3.9e-3
+# relative (1.6e-2). The floors are the same multiples of O(1) outputs and gradients.
+LOW_PRECISION = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def upcast(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().double().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(upcast(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("index", range(len(all_cases(torch.float64, "cpu"))))
+def test_low_precision_close_to_float64_reference(dtype, index):
+    case = all_cases(dtype, "cpu", requires_grad=True)[index]
+    case64 = type(case)(case.op, upcast(case.args), {k: upcast(v) for k, v in case.kwargs.items()}, case.name)
+    with hypercolumn_ops.use_backend("native"):
+        out = case()
+    with hypercolumn_ops.use_backend("reference"):
+        expected = case64()
+    assert out.dtype == dtype
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    inputs, inputs64 = differentiable_inputs(case), differentiable_inputs(case64)
+    tolerance = LOW_PRECISION[dtype]
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=tolerance, atol=tolerance, equal_nan=True)
+    if not inputs:
+        return
+    grads = torch.autograd.grad(finite_probe_loss(out, probe), inputs, allow_unused=True)
+    grads64 = torch.autograd.grad(finite_probe_loss(expected, probe.double()), inputs64, allow_unused=True)
+    for position, (grad, grad64, t) in enumerate(zip(grads, grads64, inputs)):
+        grad = torch.zeros_like(t) if grad is None else grad
+        grad64 = torch.zeros_like(t, dtype=torch.float64) if grad64 is None else grad64
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), grad64, rtol=tolerance, atol=tolerance,
+                                   msg=lambda m: f"{case} grad of input {position}: {m}")
+
+
+# ----------------------------------------------------------------------------- bad points
+
+
+def mixed_points(count, generator):
+    """Valid points, then rows whose coordinates or batch index make them sample nothing."""
+    valid = points(count, torch.float64, "cpu", generator)
+    nan, inf = float("nan"), float("inf")
+    bad = torch.tensor([[0, nan, 3.0], [1, 4.0, inf], [0, -inf, 2.0], [1, nan, nan],  # coordinates
+                        [2.0, 3.0, 3.0], [-1.0, 3.0, 3.0], [0.5, 3.0, 3.0], [nan, 3.0, 3.0], [1e30, 3.0, 3.0]],
+                       dtype=torch.float64)
+    return valid, torch.cat([valid, bad])
+
+
+def check_bad_rows(out, clean, rows):
+    """Rows [:rows] equal the call without the bad points; the rest are all NaN."""
+    torch.testing.assert_close(out[:rows], clean, rtol=0, atol=0)
+    assert torch.isnan(out[rows:]).all()
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_bad_points_give_nan_and_no_gradient(padding):
+    g = torch.Generator().manual_seed(11)
+    f = features(torch.float64, "cpu", "channels_last", g, True)
+    valid, mixed = mixed_points(13, g)
+    rows = valid.shape[0]
+    scales = ([h / IMAGE[0] for _, h, _ in ((3, 10, 12), (5, 5, 6), (7, 3, 3))],
+              [w / IMAGE[1] for _, _, w in ((3, 10, 12), (5, 5, 6), (7, 3, 3))])
+    ours = torch.ops.hypercolumn_ops
+    out = ours.sparse_hypercolumn(f, mixed, *scales, padding)
+    clean = ours.sparse_hypercolumn(f, valid, *scales, padding)
+    check_bad_rows(out, clean, rows)
+    grad = torch.randn_like(out)
+    grads = ours.sparse_hypercolumn_backward(grad, f, mixed, *scales, padding)
+    clean_grads = ours.sparse_hypercolumn_backward(grad[:rows].contiguous(), f, valid, *scales, padding)
+    for a, b in zip(grads, clean_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    w = classifier(3, 2, 2, torch.float64, "cpu", g, True)
+    labels = torch.randint(0, 2, (mixed.shape[0],), generator=g)
+    labels[3] = 2  # out of [0, NC) on a valid point
+    labels[5] = -1
+    locations = torch.rand(mixed.shape[0], 2, generator=g, dtype=torch.float64)
+    locations[7] = float("nan")  # a place that is not finite
+    bad_rows = torch.zeros(mixed.shape[0], dtype=torch.bool)
+    bad_rows[[3, 5, 7]] = True
+    bad_rows[rows:] = True
+    keep = ~bad_rows
+    for order in (0, 1):
+        args = (f, mixed, locations, w, None, labels, *scales, padding, 1, [order] * 3)
+        out = ours.fused_hypercolumn_points(*args)
+        clean = ours.fused_hypercolumn_points(f, mixed[keep], locations[keep], w, None, labels[keep], *scales,
+                                              padding, 1, [order] * 3)
+        assert torch.isnan(out[bad_rows]).all()
+        torch.testing.assert_close(out[keep], clean, rtol=RTOL64, atol=ATOL64)
+        grad = torch.randn_like(out)
+        grad_features, grad_weights, grad_bias = ours.fused_hypercolumn_points_backward(grad, *args)
+        clean_features, clean_weights, clean_bias = ours.fused_hypercolumn_points_backward(
+            grad[keep].contiguous(), f, mixed[keep], locations[keep], w, None, labels[keep], *scales, padding, 1,
+            [order] * 3)
+        for a, b in zip(grad_features + grad_weights, clean_features + clean_weights):
+            torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
+        assert (grad_bias[bad_rows] == 0).all()
+
+
+def test_bad_boxes_give_nan():
+    g = torch.Generator().manual_seed(12)
+    f = features(torch.float64, "cpu", "contiguous", g)
+    valid = boxes(3, torch.float64, "cpu", g)
+    bad = torch.tensor([[0, float("nan"), 1.0, 5.0, 6.0], [1, 1.0, 1.0, float("inf"), 6.0], [2.0, 1.0, 1.0, 5.0, 6.0],
+                        [0.25, 1.0, 1.0, 5.0, 6.0]], dtype=torch.float64)
+    mixed = torch.cat([valid, bad])
+    rows = valid.shape[0]
+    scales = ([0.5, 0.25, 0.15], [0.5, 0.25, 0.15])
+    ours = torch.ops.hypercolumn_ops
+    out = ours.box_hypercolumn(f, mixed, 4, 3, *scales, 0)
+    check_bad_rows(out, ours.box_hypercolumn(f, valid, 4, 3, *scales, 0), rows)
+    w = [x.unsqueeze(0) for x in classifier(2, 3, None, torch.float64, "cpu", g)]
+    labels = torch.zeros(mixed.shape[0], dtype=torch.int64)
+    labels[1] = 1  # NC = 1: label 1 is out of range
+    for order in (0, 1):
+        out = ours.fused_hypercolumn(f, mixed, w, None, labels, 4, 3, *scales, 0, 0, [order] * 3)
+        assert torch.isnan(out[[1, *range(rows, mixed.shape[0])]]).all()
+        assert torch.isfinite(out[[0, 2]]).all()
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def compiled_args(op):
+    g = torch.Generator().manual_seed(0)
+    f = features(torch.float32, "cpu", "contiguous", g)
+    scales = [[0.5, 0.25, 0.15], [0.5, 0.25, 0.15]]
+    if op == "sparse_hypercolumn":
+        return dict(features=f, points=points(4, torch.float32, "cpu", g), scale_y=scales[0], scale_x=scales[1],
+                    padding=0)
+    w = [x.unsqueeze(0) for x in classifier(2, 3, None, torch.float32, "cpu", g)]
+    return dict(features=f, boxes=boxes(2, torch.float32, "cpu", g), weights=w, bias=None, labels=None,
+                output_height=3, output_width=4, scale_y=scales[0], scale_x=scales[1], padding=0, activation=0,
+                orders=[0, 1, 0])
+
+
+BAD_ARGUMENTS = [
+    ("sparse_hypercolumn", "features", lambda a: a.update(features=[])),
+    ("sparse_hypercolumn", "features", lambda a: a.update(features=[a["features"][0][0]])),
+    ("sparse_hypercolumn", "features", lambda a: a.update(features=[a["features"][0].double(), a["features"][1]])),
+    ("sparse_hypercolumn", "features", lambda a: a.update(features=[a["features"][0].long()])),
+    ("sparse_hypercolumn", "points", lambda a: a.update(points=a["points"][:, :2])),
+    ("sparse_hypercolumn", "scale_y", lambda a: a.update(scale_y=[0.5])),
+    ("sparse_hypercolumn", "padding", lambda a: a.update(padding=2)),
+    ("fused_hypercolumn", "boxes", lambda a: a.update(boxes=a["boxes"][:, :4])),
+    ("fused_hypercolumn", "weights", lambda a: a.update(weights=a["weights"][:2])),
+    ("fused_hypercolumn", "weights", lambda a: a.update(weights=[a["weights"][0][..., :1]] + a["weights"][1:])),
+    ("fused_hypercolumn", "weights", lambda a: a.update(weights=[w[:, :3] for w in a["weights"]])),
+    ("fused_hypercolumn", "bias", lambda a: a.update(bias=torch.zeros(1, 4, 3))),
+    ("fused_hypercolumn", "labels", lambda a: a.update(labels=torch.zeros(a["boxes"].shape[0]))),
+    ("fused_hypercolumn", "labels", lambda a: a.update(weights=[torch.cat([w, w]) for w in a["weights"]])),
+    ("fused_hypercolumn", "orders", lambda a: a.update(orders=[0, 1])),
+    ("fused_hypercolumn", "orders", lambda a: a.update(orders=[0, 2, 0])),
+    ("fused_hypercolumn", "activation", lambda a: a.update(activation=3)),
+    ("fused_hypercolumn", "output_height", lambda a: a.update(output_height=0)),
+]
+
+
+@pytest.mark.parametrize("op,name,change", BAD_ARGUMENTS, ids=[f"{o}-{n}-{i}" for i, (o, n, _) in
+                                                                  enumerate(BAD_ARGUMENTS)])
+def test_kernels_check_arguments(op, name, change):
+    args = compiled_args(op)
+    change(args)
+    with pytest.raises(RuntimeError, match=name):
+        getattr(torch.ops.hypercolumn_ops, op)(*args.values())
+
+
+def test_fused_points_requires_locations_for_several_cells():
+    g = torch.Generator().manual_seed(0)
+    f = features(torch.float32, "cpu", "contiguous", g)
+    w = [x.unsqueeze(0) for x in classifier(2, 1, None, torch.float32, "cpu", g)]
+    with pytest.raises(RuntimeError, match="locations"):
+        torch.ops.hypercolumn_ops.fused_hypercolumn_points(f, points(3, torch.float32, "cpu", g), None, w, None, None,
+                                                           [0.5] * 3, [0.5] * 3, 0, 0, [0, 0, 0])
