@@ -8,7 +8,7 @@ import torch
 
 import hypercolumn_ops
 from hypercolumn_ops import ops, reference
-from cases import (IMAGE, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
+from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
@@ -29,6 +29,18 @@ def native_built():
 @pytest.mark.parametrize("case", all_cases(torch.float64, "cpu", requires_grad=True), ids=repr)
 def test_matches_reference_float64(case):
     assert_close_to_reference(case, "native", RTOL64, ATOL64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "channels_last"])
+def test_many_points_on_small_maps_match_reference_float64(layout):
+    # Blocks of many points on maps of few pixels take the kernels' transposing gather.
+    g = torch.Generator().manual_seed(21)
+    f = features(torch.float64, "cpu", layout, g, True, shapes=((70, 3, 3), (5, 4, 5), (3, 10, 12)))
+    cases = [Case("sparse_hypercolumn", (f, points(600, torch.float32, "cpu", g)), {"image_size": IMAGE}, layout),
+             Case("box_hypercolumn", (f, boxes(3, torch.float32, "cpu", g), (10, 12)),
+                  {"image_size": IMAGE, "padding": "zeros"}, layout)]
+    for case in cases:
+        assert_close_to_reference(case, "native", RTOL64, ATOL64)
 
 
 def normalised_args(case):

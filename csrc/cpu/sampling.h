@@ -40,6 +40,8 @@ constexpr int64_t kPointBlock = 256;
 // Elements of a per-item float accumulator (512 KiB of float32): half an L2 of this machine's
 // cores, so the scatter of a channel block stays in cache.
 constexpr int64_t kAccumulatorElements = int64_t(1) << 17;
+// Bytes of channel planes a gather keeps in use at once (half an L2 again).
+constexpr int64_t kGatherPlaneBytes = int64_t(1) << 19;
 
 // ----------------------------------------------------------------------------- argument checks
 
@@ -256,9 +258,10 @@ SampleTaps<acc_t> invalid_taps() {
 }
 
 // Bilinear samples of channels [c0, c1) of `map` at `count` points:
-// dst[dst_offset[i] + (c - c0) * dst_stride] for point i. The loop order follows the strides:
-// along channels where they are the closest elements (channels_last), else channel by channel
-// over all points, so a channel plane stays in cache while the block's points read it.
+// dst[dst_offset[i] + (c - c0) * dst_stride] for point i. Channels are the inner loop, as
+// contiguous runs where the map is channels_last; where channels are far apart (NCHW) they go
+// in chunks whose planes fit in cache while every point of the block reads them, so each point
+// loads its taps once per chunk and writes a run of its channels.
 template <typename scalar_t, typename acc_t, typename out_t>
 void gather_channels(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* taps,
                      const int64_t* dst_offset, int64_t count, int64_t c0, int64_t c1, out_t* dst,
@@ -285,26 +288,23 @@ void gather_channels(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* t
                        t.weight[2] * acc_t(f2[c]) + t.weight[3] * acc_t(f3[c]));
       }
     }
-  } else if (sc <= map.stride_w) {
+    return;
+  }
+  const int64_t plane_bytes = std::max<int64_t>(sc, 1) * int64_t(sizeof(scalar_t));
+  const int64_t chunk = sc < std::max(map.stride_w, map.stride_h)
+                            ? std::max<int64_t>(channels, 1)
+                            : std::min<int64_t>(std::max<int64_t>(kGatherPlaneBytes / plane_bytes, 1), 64);
+  for (int64_t k0 = 0; k0 < channels; k0 += chunk) {
+    const int64_t k1 = std::min(k0 + chunk, channels);
     for (int64_t i = 0; i < count; ++i) {
       const SampleTaps<acc_t>& t = taps[i];
+      const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];
+      const int64_t o0 = t.offset[0], o1 = t.offset[1], o2 = t.offset[2], o3 = t.offset[3];
       out_t* out = dst + dst_offset[i];
-      for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t c = k0; c < k1; ++c) {
         const scalar_t* f = data + c * sc;
-        out[c * dst_stride] =
-            out_t(t.weight[0] * acc_t(f[t.offset[0]]) + t.weight[1] * acc_t(f[t.offset[1]]) +
-                  t.weight[2] * acc_t(f[t.offset[2]]) + t.weight[3] * acc_t(f[t.offset[3]]));
-      }
-    }
-  } else {
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* f = data + c * sc;
-      out_t* out = dst + c * dst_stride;
-      for (int64_t i = 0; i < count; ++i) {
-        const SampleTaps<acc_t>& t = taps[i];
-        out[dst_offset[i]] =
-            out_t(t.weight[0] * acc_t(f[t.offset[0]]) + t.weight[1] * acc_t(f[t.offset[1]]) +
-                  t.weight[2] * acc_t(f[t.offset[2]]) + t.weight[3] * acc_t(f[t.offset[3]]));
+        out[c * dst_stride] = out_t(w0 * acc_t(f[o0]) + w1 * acc_t(f[o1]) + w2 * acc_t(f[o2]) +
+                                    w3 * acc_t(f[o3]));
       }
     }
   }

@@ -32,6 +32,45 @@ std::vector<int64_t> first_channels(at::TensorList features) {
   return first;
 }
 
+// Channels per chunk when a small map is transposed for a block (a 64 KiB float buffer for a
+// 16 x 16 map).
+constexpr int64_t kTransposeChannels = 64;
+
+// A map with few pixels but channel planes far apart (NCHW at a deep layer: 16 x 16 pixels,
+// 4096 channels) is gathered through a channels_last copy of one chunk of channels at a time,
+// so that each point reads contiguous runs instead of one element per plane. `taps` hold pixel
+// indices ((b * H + y) * W + x).
+template <typename scalar_t, typename acc_t>
+void gather_small_map(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* taps,
+                      const int64_t* dst_offset, int64_t count, scalar_t* dst, int64_t dst_stride,
+                      std::vector<acc_t>& chunk) {
+  const int64_t pixels = map.batch * map.height * map.width;
+  chunk.resize(pixels * kTransposeChannels);
+  for (int64_t c0 = 0; c0 < map.channels; c0 += kTransposeChannels) {
+    const int64_t width = std::min(kTransposeChannels, map.channels - c0);
+    for (int64_t b = 0; b < map.batch; ++b)
+      for (int64_t c = 0; c < width; ++c)
+        for (int64_t y = 0; y < map.height; ++y) {
+          const scalar_t* from = map.data + b * map.stride_b + (c0 + c) * map.stride_c + y * map.stride_h;
+          acc_t* to = chunk.data() + ((b * map.height + y) * map.width) * width + c;
+          for (int64_t x = 0; x < map.width; ++x) to[x * width] = acc_t(from[x * map.stride_w]);
+        }
+    for (int64_t i = 0; i < count; ++i) {
+      const SampleTaps<acc_t>& t = taps[i];
+      const acc_t* f0 = chunk.data() + t.offset[0] * width;
+      const acc_t* f1 = chunk.data() + t.offset[1] * width;
+      const acc_t* f2 = chunk.data() + t.offset[2] * width;
+      const acc_t* f3 = chunk.data() + t.offset[3] * width;
+      scalar_t* out = dst + dst_offset[i] + c0 * dst_stride;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        out[c * dst_stride] = scalar_t(t.weight[0] * f0[c] + t.weight[1] * f1[c] +
+                                       t.weight[2] * f2[c] + t.weight[3] * f3[c]);
+      }
+    }
+  }
+}
+
 // Hypercolumns of every point of `source` into `out` at `layout` (layer l's channels start at
 // the sum of the earlier layers' channel counts). Each element is written once; points that
 // sample nothing (invalid batch index, non-finite coordinates) get NaN.
@@ -48,6 +87,7 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
     std::vector<ImagePoint<acc_t>> points(kSampleBlock);
     std::vector<SampleTaps<acc_t>> taps(kSampleBlock);
     std::vector<int64_t> offsets(kSampleBlock);
+    std::vector<acc_t> chunk;
     for (int64_t start = begin; start < end; start += kSampleBlock) {
       const int64_t count = std::min(kSampleBlock, end - start);
       for (int64_t i = 0; i < count; ++i) {
@@ -56,15 +96,29 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
       }
       for (size_t l = 0; l < maps.size(); ++l) {
         const FeatureMap<scalar_t>& map = maps[l];
+        // Transposing a chunk costs one pass over its pixels: worth it when the block has
+        // several points per pixel.
+        const bool transpose = map.stride_c != 1 && map.batch > 0 &&
+                               4 * map.batch * map.height * map.width <= count;
         for (int64_t i = 0; i < count; ++i) {
           int64_t b;
-          taps[i] = sample_batch(points[i], map.batch, &b)
-                        ? sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b,
-                                             map.stride_b, map.stride_h, map.stride_w)
-                        : invalid_taps<acc_t>();
+          if (!sample_batch(points[i], map.batch, &b)) {
+            taps[i] = invalid_taps<acc_t>();
+          } else if (transpose) {
+            taps[i] = sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b,
+                                         map.height * map.width, map.width, 1);
+          } else {
+            taps[i] = sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b, map.stride_b,
+                                         map.stride_h, map.stride_w);
+          }
         }
-        gather_channels(map, taps.data(), offsets.data(), count, 0, map.channels,
-                        out + first[l] * layout.channel_stride, layout.channel_stride);
+        scalar_t* dst = out + first[l] * layout.channel_stride;
+        if (transpose) {
+          gather_small_map(map, taps.data(), offsets.data(), count, dst, layout.channel_stride, chunk);
+        } else {
+          gather_channels(map, taps.data(), offsets.data(), count, 0, map.channels, dst,
+                          layout.channel_stride);
+        }
       }
     }
   });
