@@ -327,6 +327,26 @@ def save_figure(path: str, task: str, models: Dict[str, HypercolumnModel], data:
     plt.close(figure)
 
 
+def markdown_table(task: str, results) -> str:
+    """Rows ``(name, channels, metric, seconds)`` -> a Markdown table."""
+    lines = [f"| layers | channels | {METRIC_NAMES[task]} | training time (s) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {'+'.join(map(str, channels))} | {metric:.3f} | {seconds:.0f} |"
+              for name, channels, metric, seconds in results]
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model name where the system says it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=TASKS, default="figure-ground")
@@ -378,26 +398,24 @@ def main(argv=None) -> None:
             if world > 1:
                 dist.barrier()
         if rank == 0:
-            header = f"| layers | channels | {METRIC_NAMES[args.task]} | training time (s) |"
-            lines = [header, "|---|---|---|---|"]
-            lines += [f"| {name} | {'+'.join(map(str, ch))} | {metric:.3f} | {sec:.0f} |"
-                      for name, ch, metric, sec in results]
-            table = "\n".join(lines)
-            print(table)
+            table = markdown_table(args.task, results)
             total = time.perf_counter() - started
             used = args.backend or hypercolumn_ops.available_backends(device)[0]
+            print(table)
             print(f"total {total:.0f} s on {device} ({world} process(es), backend {used})")
             if not args.no_save:
                 os.makedirs(args.out_dir, exist_ok=True)
                 stem = os.path.join(args.out_dir, args.task.replace("-", "_"))
                 save_figure(stem + ".png", args.task, models, validation, device)
+                hardware = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+                command = " ".join(sys.argv[1:] if argv is None else argv)
                 with open(stem + ".md", "w") as handle:
                     handle.write(f"# {args.task}: top layer vs hypercolumn\n\n{table}\n\n"
-                                 f"`python {' '.join(sys.argv)}`: {args.steps} steps of {args.batch_size} images "
-                                 f"({args.image_size}x{args.image_size}) per model and process, {world} process(es), "
-                                 f"{args.val_images} validation images; {total:.0f} s in all on {device} "
-                                 f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                                 f"threads), torch {torch.__version__}, operator backend {used}.\n")
+                                 f"`train_hypercolumns.py {command}`: {args.steps} steps of {args.batch_size} "
+                                 f"images ({args.image_size}x{args.image_size}) per model and process, {world} "
+                                 f"process(es), {args.val_images} validation images. {total:.0f} s in all on "
+                                 f"{device} ({hardware}, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
+                                 f"per process), torch {torch.__version__}, operator backend {used}.\n")
     if args.checksum_file:
         gathered = [None] * world
         if world > 1:

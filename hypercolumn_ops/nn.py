@@ -150,7 +150,11 @@ class NaiveHypercolumnHead(_HypercolumnClassifier):
         if labels is None:
             scores = torch.einsum("nc,kmc->nkm", columns, weight) + self.bias
         else:
-            scores = torch.einsum("nc,nkmc->nkm", columns, weight[labels]) + self.bias[labels]
+            # Every class's scores, then each point's: (N, NC, KK, M) is far smaller than
+            # gathering a weight set per point (N, KK, M, sum C_l).
+            every_class = torch.einsum("nc,qkmc->nqkm", columns, weight)
+            rows = torch.arange(columns.shape[0], device=columns.device)
+            scores = every_class[rows, labels] + self.bias[labels]
         if self.activation == "sigmoid":
             scores = torch.sigmoid(scores)
         return torch.einsum("nk,nkm->nm", alpha, scores)
