@@ -194,6 +194,7 @@ class HypercolumnModel(nn.Module):
         return self.head(features, boxes, size)
 
     def loss(self, output: Tensor, batch: Dict[str, Tensor]) -> Tensor:
+        """The task's loss against the batch's targets, cut to the box grids."""
         boxes = batch["boxes"]
         if self.task == "figure-ground":
             return self.head.loss(output, self.head.targets(batch["masks"], boxes))
@@ -244,6 +245,8 @@ def parameter_digest(model: nn.Module) -> str:
 
 
 def train(args, layers: List[int], device: torch.device, rank: int, world: int, label: str):
+    """Train one model on ``layers`` for ``args.steps`` steps -> (model, seconds, SHA-256 of
+    the images this rank saw)."""
     torch.manual_seed(args.seed)  # the same initial model for both ranks (DDP broadcasts rank 0's anyway)
     model = HypercolumnModel(args.task, layers, output_size=(args.grid, args.grid)).to(device)
     wrapped = model
@@ -255,7 +258,7 @@ def train(args, layers: List[int], device: torch.device, rank: int, world: int, 
                         drop_last=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, args.lr, total_steps=args.steps, pct_start=0.1)
-    seen = hashlib.sha256()  # of the images this rank trained on
+    seen = hashlib.sha256()
     start = time.perf_counter()
     progress = tqdm(loader, total=args.steps, desc=label, disable=rank != 0, dynamic_ncols=True)
     for batch in progress:

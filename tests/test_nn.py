@@ -210,7 +210,7 @@ def peak_allocated_bytes(step) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+    events.sort(key=lambda e: e.start_ns() if hasattr(e, "start_ns") else e.start_us())  # start_us: older torch
     live = peak = 0
     for event in events:
         live += event.nbytes()
