@@ -34,6 +34,10 @@ BASELINES: Dict[str, Dict[str, Callable]] = {
         "naive": baselines.naive_fused_hypercolumn_points,
         "grid_sample": baselines.grid_sample_fused_points,
     },
+    "box_hypercolumn": {
+        "naive": baselines.naive_box_hypercolumn,
+        "roi_align_concat": baselines.roi_align_boxes,
+    },
     "sparse_hypercolumn": {
         "naive": baselines.naive_sparse_hypercolumn,
         "grid_sample": baselines.grid_sample_points,
@@ -71,6 +75,8 @@ def output_shape(workload: Workload) -> tuple:
         return (workload.count, workload.channels)
     if workload.op == "fused_hypercolumn_points":
         return (workload.count, workload.outputs)
+    if workload.op == "box_hypercolumn":
+        return (workload.count, workload.channels) + tuple(workload.output_size)
     return (workload.count, workload.outputs) + tuple(workload.output_size)
 
 

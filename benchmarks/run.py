@@ -38,12 +38,12 @@ from hypercolumn_ops import planning, reference  # noqa: E402
 from methods import (FORWARD, FORWARD_BACKWARD, FUSED_PREFIX, MODES, available_bytes, cuda_peak_bytes,  # noqa: E402
                      estimated_bytes, fused_backends, grad_output, method_function, method_names, run_once,
                      time_calls)
-from workloads import WORKLOADS, Inputs, Workload, build  # noqa: E402
+from workloads import SAMPLING_OPS, WORKLOADS, Inputs, Workload, build  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
-QUICK_WORKLOADS = ("sds-small", "sds", "points", "points-sparse")
+QUICK_WORKLOADS = ("sds-small", "sds", "keypoints", "points", "points-sparse", "boxes")
 # The baselines the CPU quick set runs (the fused backends always run). On 2 shared cores the
 # others take from half a minute to minutes per call (naive forward on sds-small ~7-10 s,
 # roi_align_concat forward+backward on sds-small ~25 s, forward on sds ~25 s) and each is called
@@ -55,6 +55,7 @@ QUICK_CPU_BASELINES: Dict[str, Dict[str, tuple]] = {
     "parts": {"classify_then_sample": MODES},
     "points": {"grid_sample": MODES},
     "points-sparse": {"grid_sample": MODES},
+    "boxes": {"naive": (FORWARD,), "roi_align_concat": MODES},
 }
 REPETITIONS = {"quick": dict(min_reps=3, min_seconds=1.0, max_reps=20),
                "full": dict(min_reps=3, min_seconds=3.0, max_reps=50)}
@@ -179,7 +180,7 @@ def reference_sample(inputs: Inputs, count: int = ERROR_SAMPLE):
     generator = torch.Generator().manual_seed(99)
     index = torch.randperm(points.shape[0], generator=generator)[:count].sort().values.to(points.device)
     with torch.no_grad(), hypercolumn_ops.use_backend("reference"):
-        if workload.op == "sparse_hypercolumn":
+        if workload.op in SAMPLING_OPS:
             ref = hypercolumn_ops.sparse_hypercolumn(features, points[index], image_size=workload.image)
         else:
             ref = hypercolumn_ops.fused_hypercolumn_points(
@@ -200,7 +201,7 @@ def relative_error(workload: Workload, output: torch.Tensor, sample) -> float:
 
 def layer_plans(workload: Workload, device: torch.device) -> List[Dict]:
     """The evaluation order ``planning.plan_layers`` picks for each layer, with its two costs."""
-    if workload.op == "sparse_hypercolumn":
+    if workload.op in SAMPLING_OPS:
         return []
     shapes = workload.feature_shapes()
     plans = planning.plan_layers(shapes, workload.num_points, 1, workload.cells, workload.outputs, device.type)

@@ -60,9 +60,13 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload("parts", "fused_hypercolumn", (256, 256), 1, 1, 7, (256, 256), whole_image_box=True),
     Workload("points", "fused_hypercolumn_points", (512, 512), 19600, 1, 21, None),
     Workload("points-sparse", "sparse_hypercolumn", (512, 512), 19600, 1, 21, None),
+    # box_hypercolumn alone (no classifier): RoI features of sds-small's kind of boxes on Mask
+    # R-CNN's 14x14 grid, 119 MB of output.
+    Workload("boxes", "box_hypercolumn", (256, 256), 32, 1, 1, (14, 14)),
 ]}
 
-_SEEDS = {"sds-small": 1, "sds": 2, "keypoints": 3, "parts": 4, "points": 5, "points-sparse": 5}
+_SEEDS = {"sds-small": 1, "sds": 2, "keypoints": 3, "parts": 4, "points": 5, "points-sparse": 5, "boxes": 6}
+SAMPLING_OPS = ("sparse_hypercolumn", "box_hypercolumn")  # no classifier: no weights, no bias
 
 
 @dataclass
@@ -88,6 +92,8 @@ class Inputs:
         kwargs = {"image_size": w.image}
         if w.op == "sparse_hypercolumn":
             return (self.features, self.rows), kwargs
+        if w.op == "box_hypercolumn":
+            return (self.features, self.rows, w.output_size), kwargs
         if w.op == "fused_hypercolumn":
             kwargs["output_size"] = w.output_size
         return (self.features, self.rows, self.weights, self.bias), kwargs
@@ -127,7 +133,7 @@ def build(name: str, device="cpu", dtype: torch.dtype = torch.float32, requires_
     rows = _boxes(workload, generator) if workload.output_size is not None else _points(workload, generator)
     rows = rows.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     weights = bias = None
-    if workload.op != "sparse_hypercolumn":
+    if workload.op not in SAMPLING_OPS:
         weights = [leaf(torch.randn(workload.cells, workload.outputs, channels, generator=generator,
                                     dtype=torch.float64) / channels ** 0.5) for channels, _ in LAYERS]
         bias = leaf(torch.randn(workload.cells, workload.outputs, generator=generator, dtype=torch.float64))

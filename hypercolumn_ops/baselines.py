@@ -216,6 +216,28 @@ def naive_fused_hypercolumn_points(features: Sequence[Tensor], points: Tensor, w
     return _classify_points(columns, locations, weights, bias, labels, activation_code).to(dtype)
 
 
+def roi_align_boxes(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Tensor]],
+                    output_size: Union[int, Tuple[int, int]], *, image_size: Optional[Sequence[int]] = None,
+                    spatial_scale: Scale = None, padding: str = "zeros") -> Tensor:
+    """:func:`hypercolumn_ops.box_hypercolumn` with per-layer ``roi_align`` -> ``(R, sum C_l, oh, ow)``.
+
+    Each layer ``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)`` ``(R, C_l, oh, ow)``
+    (exactly the contract's grid, padding ``"zeros"``), then concatenated: the output twice.
+    """
+    features, boxes, output_height, output_width, scale_y, scale_x, padding_code = ops.normalise_box_hypercolumn(
+        features, boxes, output_size, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
+    _require_padding("roi_align_boxes", padding_code, PADDING_ZEROS)
+    dtype = features[0].dtype
+    features = _compute_in(accumulation_dtype(dtype), features)
+    return _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x).to(dtype)
+
+
+def _roi_align_columns(features: List[Tensor], boxes: Tensor, output_height: int, output_width: int,
+                       scale_y: List[float], scale_x: List[float]) -> Tensor:
+    return torch.cat([_roi_align_grid(f, boxes, output_height, output_width, sy, sx)
+                      for f, sy, sx in zip(features, scale_y, scale_x)], dim=1)
+
+
 def roi_align_concat(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Tensor]], weights: Sequence[Tensor],
                      bias: Optional[Tensor] = None, *, output_size: Union[int, Tuple[int, int]] = (50, 50),
                      image_size: Optional[Sequence[int]] = None, spatial_scale: Scale = None,
@@ -237,8 +259,7 @@ def roi_align_concat(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[T
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)
     features, weights, (bias,) = _compute_in(acc, features), _compute_in(acc, weights), _compute_in(acc, [bias])
-    columns = torch.cat([_roi_align_grid(f, boxes, output_height, output_width, sy, sx)
-                         for f, sy, sx in zip(features, scale_y, scale_x)], dim=1)
+    columns = _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x)
     out = _classify_box_columns(columns, weights, bias, labels, activation_code, output_height, output_width)
     return out.to(dtype)
 

@@ -76,6 +76,15 @@ def test_roi_align_baselines_match_zeros_padding(baseline, scale, grid, outputs,
     assert_matches_reference(baseline, "fused_hypercolumn", (f, b, weights, bias), kwargs, f + inputs)
 
 
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_roi_align_boxes_matches_zeros_padding(scale):
+    g = torch.Generator().manual_seed(11)
+    f = features(torch.float64, DEVICE, "channels_last", g, requires_grad=True)
+    b = boxes(7, torch.float32, DEVICE, g)
+    kwargs = dict(padding="zeros", **SCALES[scale])
+    assert_matches_reference(baselines.roi_align_boxes, "box_hypercolumn", (f, b, (4, 7)), kwargs, f)
+
+
 @pytest.mark.parametrize("batch", [1, BATCH])  # one image samples directly, several regroup the points
 @pytest.mark.parametrize("scale", sorted(SCALES))
 def test_grid_sample_points_matches_border_padding(scale, batch):
