@@ -13,6 +13,18 @@ from .ops import (box_hypercolumn, fused_hypercolumn, fused_hypercolumn_points, 
 
 __version__ = "0.1.0"
 
+# Submodules imported on first use (hypercolumn_ops.nn.HypercolumnHead, ...), so that importing
+# the operators does not import torchvision.
+_SUBMODULES = ("baselines", "models", "nn", "planning", "reference", "tasks")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "available_backends",
     "box_hypercolumn",
