@@ -57,7 +57,10 @@ QUICK_CPU_BASELINES: Dict[str, Dict[str, tuple]] = {
     "points-sparse": {"grid_sample": MODES},
     "boxes": {"naive": (FORWARD,), "roi_align_concat": MODES},
 }
+# A GPU call takes milliseconds: 10+ repetitions in 0.2 s are stable, and keep the whole CUDA
+# quick set within the minute that benchmarks/gpu_check.sh gives it.
 REPETITIONS = {"quick": dict(min_reps=3, min_seconds=1.0, max_reps=20),
+               "quick-cuda": dict(min_reps=10, min_seconds=0.2, max_reps=50),
                "full": dict(min_reps=3, min_seconds=3.0, max_reps=50)}
 # A baseline runs only if its estimated peak fits in this share of the free memory.
 MEMORY_HEADROOM = 0.8
@@ -280,7 +283,7 @@ def run(args) -> Dict:
     dtype = DTYPES[args.dtype]
     backends = args.backends if args.backends is not None else fused_backends(args.device)
     names = args.workloads or (list(WORKLOADS) if args.full else list(QUICK_WORKLOADS))
-    repetitions = REPETITIONS["full" if args.full else "quick"]
+    repetitions = REPETITIONS["full" if args.full else "quick-cuda" if device.type == "cuda" else "quick"]
     plan = [(name, method) for name in names for method in method_names(WORKLOADS[name].op, backends)]
     rows, plans = [], {}
     progress = tqdm(total=len(plan) * len(MODES), unit="case", file=sys.stderr)
