@@ -6,8 +6,6 @@ Importing this module loads ``hypercolumn_ops._C``. A package installed without 
 torch than the one running is refused with an ImportError that says how to rebuild.
 """
 
-from typing import List, Optional
-
 import torch
 from torch import Tensor
 
@@ -47,33 +45,6 @@ def available(device_type: str) -> bool:
     if device_type == "cpu":
         return True
     return device_type == "cuda" and BUILD_INFO["with_cuda"] and torch.cuda.is_available()
-
-
-def sparse_hypercolumn(features: List[Tensor], points: Tensor, scale_y: List[float], scale_x: List[float],
-                       padding: int) -> Tensor:
-    return torch.ops.hypercolumn_ops.sparse_hypercolumn(features, points, scale_y, scale_x, padding)
-
-
-def box_hypercolumn(features: List[Tensor], boxes: Tensor, output_height: int, output_width: int,
-                    scale_y: List[float], scale_x: List[float], padding: int) -> Tensor:
-    return torch.ops.hypercolumn_ops.box_hypercolumn(features, boxes, output_height, output_width, scale_y,
-                                                     scale_x, padding)
-
-
-def fused_hypercolumn(features: List[Tensor], boxes: Tensor, weights: List[Tensor], bias: Optional[Tensor],
-                      labels: Optional[Tensor], output_height: int, output_width: int, scale_y: List[float],
-                      scale_x: List[float], padding: int, activation: int, orders: List[int]) -> Tensor:
-    return torch.ops.hypercolumn_ops.fused_hypercolumn(features, boxes, weights, bias, labels, output_height,
-                                                       output_width, scale_y, scale_x, padding, activation,
-                                                       orders)
-
-
-def fused_hypercolumn_points(features: List[Tensor], points: Tensor, locations: Optional[Tensor],
-                             weights: List[Tensor], bias: Optional[Tensor], labels: Optional[Tensor],
-                             scale_y: List[float], scale_x: List[float], padding: int, activation: int,
-                             orders: List[int]) -> Tensor:
-    return torch.ops.hypercolumn_ops.fused_hypercolumn_points(features, points, locations, weights, bias, labels,
-                                                              scale_y, scale_x, padding, activation, orders)
 
 
 def register_fake_and_autograd(namespace: str) -> None:

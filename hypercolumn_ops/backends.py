@@ -2,14 +2,14 @@
 
 ``"native"`` is the compiled ``TORCH_LIBRARY`` kernels (C++ on CPU, CUDA on GPU), ``"triton"``
 the Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``), ``"reference"``
-pure PyTorch on any device. Every backend module offers the same four functions over the
-normalised arguments of ``csrc/ops.cpp``.
+pure PyTorch on any device. Every backend offers the same four functions over the normalised
+arguments of ``csrc/ops.cpp``: ``torch.ops.hypercolumn_ops``, ``torch.ops.hypercolumn_ops_triton``
+and ``hypercolumn_ops.reference``.
 """
 
 import contextlib
 import importlib.util
 import os
-from types import ModuleType
 from typing import Iterator, List, Optional, Union
 
 import torch
@@ -74,8 +74,11 @@ def current_backend() -> Optional[str]:
     return _forced[-1] if _forced else None
 
 
-def backend_module(device: torch.device) -> ModuleType:
-    """The module implementing the operators for tensors on ``device``."""
+def backend_module(device: torch.device):
+    """The implementation of the four operators for tensors on ``device``: an object whose
+    ``sparse_hypercolumn``, ``box_hypercolumn``, ``fused_hypercolumn`` and
+    ``fused_hypercolumn_points`` take the normalised arguments (an operator namespace of
+    ``torch.ops``, or the reference module)."""
     name = current_backend()
     available = available_backends(device)
     if name is None:
@@ -84,9 +87,11 @@ def backend_module(device: torch.device) -> ModuleType:
         raise ValueError(f"use_backend: backend {name!r} cannot run on {device.type} tensors "
                          f"(available: {available})")
     if name == "native":
-        from . import _native as module
-    elif name == "triton":
-        from . import triton_backend as module
-    else:
-        from . import reference as module
-    return module
+        return torch.ops.hypercolumn_ops
+    if name == "triton":
+        from . import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
+
+        return torch.ops.hypercolumn_ops_triton
+    from . import reference
+
+    return reference
