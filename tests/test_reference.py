@@ -1,5 +1,5 @@
-"""The reference backend against its peers: F.interpolate at pixel centres, torchvision's
-roi_align, and the contract's formulas written out by hand for single points."""
+"""Every backend against the operators' peers: F.interpolate at pixel centres and torchvision's
+roi_align; the reference against the contract's formulas written out by hand for single points."""
 
 import pytest
 import torch
@@ -23,26 +23,31 @@ def _pixel_centres(height, width, batch_index):
     return torch.stack([column, xs.flatten(), ys.flatten()], 1).double()
 
 
+BACKENDS = hypercolumn_ops.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("image", [(11, 13), (4, 9), (17, 5)])
-def test_sparse_equals_interpolate_at_pixel_centres(image):
+def test_sparse_equals_interpolate_at_pixel_centres(image, backend):
     g = torch.Generator().manual_seed(image[0])
     maps = _maps(g)
-    with hypercolumn_ops.use_backend("reference"):
+    with hypercolumn_ops.use_backend(backend):
         out = hypercolumn_ops.sparse_hypercolumn(maps, _pixel_centres(*image, 1), image_size=image)
     upsampled = torch.cat([F.interpolate(f, size=image, mode="bilinear", align_corners=False) for f in maps], 1)
     expected = upsampled[1].flatten(1).T
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("output_size", [(1, 1), (4, 6), (7, 3)])
-def test_box_equals_roi_align_aligned(output_size):
+def test_box_equals_roi_align_aligned(output_size, backend):
     g = torch.Generator().manual_seed(sum(output_size))
     feature = _maps(g, shapes=((5, 9, 11),))[0]
     boxes = torch.tensor([[0, -3.0, -2.0, 8.0, 9.0], [1, 2.0, 3.0, 30.5, 20.0], [1, 5.0, 5.0, 2.0, 1.0],
                           [0, -30.0, -30.0, -10.0, -12.0], [1, 0.0, 0.0, 22.0, 18.0]], dtype=torch.float64)
     expected = roi_align(feature, boxes, output_size, 0.5, sampling_ratio=1, aligned=True)
     identity = torch.eye(5, dtype=torch.float64)[None]  # K = 1, M = C: the classifier copies channels
-    with hypercolumn_ops.use_backend("reference"):
+    with hypercolumn_ops.use_backend(backend):
         sampled = hypercolumn_ops.box_hypercolumn([feature], boxes, output_size, spatial_scale=0.5, padding="zeros")
         fused = hypercolumn_ops.fused_hypercolumn([feature], boxes, [identity], output_size=output_size,
                                                   spatial_scale=0.5, padding="zeros")
