@@ -9,11 +9,30 @@ import importlib.util
 import os
 import sys
 
+import shutil
+
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home() -> None:
+    """Set CUDA_HOME to a toolkit with headers when the caller has not: torch guesses it from
+    `which nvcc`, which a wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-X/bin/nvcc)
+    turns into /usr/local, where the build finds no CUDA headers or libraries."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+find_cuda_home()  # before cpp_extension reads CUDA_HOME at import
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def want_cuda() -> bool:
