@@ -43,7 +43,7 @@ from workloads import SAMPLING_OPS, WORKLOADS, Inputs, Workload, build  # noqa: 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
-QUICK_WORKLOADS = ("sds-small", "sds", "keypoints", "points", "points-sparse", "boxes")
+QUICK_WORKLOADS = ("sds-small", "sds", "keypoints", "parts", "points", "points-sparse", "boxes")
 # The baselines the CPU quick set runs (the fused backends always run). On 2 shared cores the
 # others take from half a minute to minutes per call (naive forward on sds-small ~7-10 s,
 # roi_align_concat forward+backward on sds-small ~25 s, forward on sds ~25 s) and each is called
