@@ -53,6 +53,9 @@ def pip_cuda_includes():
             if os.path.exists(os.path.join(d, "cusparse.h"))]
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
 def extension():
     with_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -64,14 +67,20 @@ def extension():
     kind = CppExtension
     extra = {"cxx": cxx}
     if with_cuda and cuda_sources:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to read the architecture from: A100 and H100 machine code, plus PTX that
+            # newer GPUs compile at load time.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         kind = CUDAExtension
         sources += cuda_sources
         macros.append(("HYPERCOLUMN_OPS_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         include_dirs += pip_cuda_includes()
-    print(f"hypercolumn_ops build: torch {torch.__version__}, CUDA kernels "
-          f"{'on (' + str(CUDA_HOME) + ')' if kind is CUDAExtension else 'off'}, OpenMP {'on' if openmp else 'off'}, "
-          f"{len(sources)} sources", flush=True)
+    cuda = "off"
+    if kind is CUDAExtension:
+        cuda = f"on ({CUDA_HOME}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})"
+    print(f"hypercolumn_ops build: torch {torch.__version__}, CUDA kernels {cuda}, "
+          f"OpenMP {'on' if openmp else 'off'}, {len(sources)} sources", flush=True)
     return kind("hypercolumn_ops._C", sources, include_dirs=include_dirs, define_macros=macros,
                 extra_compile_args=extra, extra_link_args=openmp)
 
