@@ -2,9 +2,11 @@
 //
 // Forward: parallel over blocks of points; per block and layer the bilinear taps are computed
 // once per point, then every channel is gathered with them (no copy of the features, whatever
-// their strides). Backward: parallel over channel blocks of each layer; an item scatters all
-// points, in order, into a float accumulator of its channels and writes that into the gradient,
-// so each gradient element has one writer and a fixed summation order.
+// their strides). box_hypercolumn on planar (NCHW-like) maps instead goes box by box, channel
+// plane by channel plane, in the output's order, using the separability of a box grid.
+// Backward: parallel over channel blocks of each layer; an item scatters all points, in order,
+// into a float accumulator of its channels and writes that into the gradient, so each gradient
+// element has one writer and a fixed summation order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -124,6 +126,153 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
   });
 }
 
+// Channels of one layer per box forward work item: a box has ~75 items on the layers
+// (enough to split a few boxes between threads), each long enough to amortise its box's taps.
+constexpr int64_t kBoxChannelBlock = 64;
+
+// A map whose channel planes do not interleave (NCHW-like): a plane is read as one block.
+template <typename scalar_t>
+bool planar(const FeatureMap<scalar_t>& map) {
+  return map.stride_c >= std::max(map.stride_w, map.stride_h);
+}
+
+// One axis of a box grid on one map: per grid column (or row) its two map indices and their
+// weights with the padding folded in, so that bilinear_taps's four weights are the products of
+// the two axes' weights.
+template <typename acc_t>
+struct BoxAxis {
+  std::vector<int64_t> index0, index1;
+  std::vector<acc_t> weight0, weight1;
+
+  // Image coordinates `coord` (pixels) on a map axis of `size` with `scale`.
+  void set(const std::vector<acc_t>& coord, double scale, int64_t size, int64_t padding) {
+    const size_t count = coord.size();
+    index0.resize(count);
+    index1.resize(count);
+    weight0.resize(count);
+    weight1.resize(count);
+    for (size_t k = 0; k < count; ++k) {
+      acc_t frac;
+      const bool inside =
+          feature_axis<acc_t>(coord[k], acc_t(scale), size, padding, &index0[k], &index1[k], &frac);
+      const acc_t keep = inside ? acc_t(1) : acc_t(0);
+      weight0[k] = keep * (acc_t(1) - frac);
+      weight1[k] = keep * frac;
+    }
+  }
+};
+
+// The distinct map rows a box grid's y axis reads (`rows`, map indices) and, per grid row, where
+// its two map rows are in that list.
+template <typename acc_t>
+void distinct_rows(const BoxAxis<acc_t>& along_y, int64_t height, std::vector<int64_t>* rows,
+                   std::vector<int64_t>* slot0, std::vector<int64_t>* slot1) {
+  std::vector<int64_t> slot_of_row(height, -1);
+  const size_t count = along_y.index0.size();
+  rows->clear();
+  slot0->resize(count);
+  slot1->resize(count);
+  auto slot = [&](int64_t row) {
+    if (slot_of_row[row] < 0) {
+      slot_of_row[row] = static_cast<int64_t>(rows->size());
+      rows->push_back(row);
+    }
+    return slot_of_row[row];
+  };
+  for (size_t k = 0; k < count; ++k) {
+    (*slot0)[k] = slot(along_y.index0[k]);
+    (*slot1)[k] = slot(along_y.index1[k]);
+  }
+}
+
+// box_hypercolumn into a contiguous (R, C, oh, ow) `out` from planar maps. Work items are
+// (box, block of channels) in the output's order, so each thread writes (and first-touches) its
+// own contiguous part of the output. A box's grid is separable (a grid column has one x, a grid
+// row one y): per channel plane, every map row the grid reads is interpolated along x at the
+// grid's columns, then each grid row is one weighted sum of two of those, written as a
+// contiguous run of ow values.
+template <typename scalar_t>
+void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& source,
+                 at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding,
+                 scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<FeatureMap<scalar_t>> maps;
+  std::vector<ChannelBlock> blocks;
+  for (size_t l = 0; l < features.size(); ++l) {
+    maps.push_back(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
+    for (int64_t c0 = 0; c0 < features[l].size(1); c0 += kBoxChannelBlock)
+      blocks.push_back(ChannelBlock{static_cast<int64_t>(l), c0,
+                                    std::min(c0 + kBoxChannelBlock, features[l].size(1))});
+  }
+  const std::vector<int64_t> first = first_channels(features);
+  const int64_t oh = source.output_height, ow = source.output_width, cells = oh * ow;
+  const int64_t channels = total_channels(features);
+  const int64_t block_count = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, source.rows() * block_count, 1, [&](int64_t begin, int64_t end) {
+    BoxAxis<acc_t> along_x, along_y;
+    std::vector<acc_t> xs(ow), ys(oh), interpolated;
+    std::vector<int64_t> x0(ow), x1(ow), rows, slot0, slot1;
+    int64_t taps_row = -1, taps_layer = -1, batch_offset = 0;
+    bool valid = false;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / block_count;
+      const ChannelBlock& block = blocks[item - r * block_count];
+      const FeatureMap<scalar_t>& map = maps[block.layer];
+      scalar_t* dst = out + (r * channels + first[block.layer] + block.c0) * cells;
+      if (r != taps_row || block.layer != taps_layer) {
+        const acc_t* box = source.boxes + 5 * r;
+        int64_t b;
+        valid = batch_index<acc_t>(box[0], map.batch, &b);
+        if (valid) {
+          acc_t x, y, u, v;
+          for (int64_t j = 0; j < ow; ++j) {
+            box_grid_point<acc_t>(box[1], box[2], box[3], box[4], 0, j, oh, ow, &x, &y, &u, &v);
+            xs[j] = x;
+          }
+          for (int64_t i = 0; i < oh; ++i) {
+            box_grid_point<acc_t>(box[1], box[2], box[3], box[4], i, 0, oh, ow, &x, &y, &u, &v);
+            ys[i] = y;
+          }
+          along_x.set(xs, map.scale_x, map.width, padding);
+          along_y.set(ys, map.scale_y, map.height, padding);
+          for (int64_t j = 0; j < ow; ++j) {
+            x0[j] = along_x.index0[j] * map.stride_w;
+            x1[j] = along_x.index1[j] * map.stride_w;
+          }
+          distinct_rows(along_y, map.height, &rows, &slot0, &slot1);
+          interpolated.resize(rows.size() * ow);
+          batch_offset = b * map.stride_b;
+        }
+        taps_row = r;
+        taps_layer = block.layer;
+      }
+      if (!valid) {  // an invalid batch index: the box samples nothing
+        std::fill(dst, dst + (block.c1 - block.c0) * cells, scalar_t(quiet_nan<acc_t>()));
+        continue;
+      }
+      const acc_t* wx0 = along_x.weight0.data();
+      const acc_t* wx1 = along_x.weight1.data();
+      for (int64_t c = block.c0; c < block.c1; ++c, dst += cells) {
+        const scalar_t* plane = map.data + batch_offset + c * map.stride_c;
+        for (size_t s = 0; s < rows.size(); ++s) {
+          const scalar_t* line = plane + rows[s] * map.stride_h;
+          acc_t* to = interpolated.data() + s * ow;
+          for (int64_t j = 0; j < ow; ++j)
+            to[j] = wx0[j] * acc_t(line[x0[j]]) + wx1[j] * acc_t(line[x1[j]]);
+        }
+        for (int64_t i = 0; i < oh; ++i) {
+          const acc_t* top = interpolated.data() + slot0[i] * ow;
+          const acc_t* bottom = interpolated.data() + slot1[i] * ow;
+          const acc_t wy0 = along_y.weight0[i], wy1 = along_y.weight1[i];
+          scalar_t* row = dst + i * ow;
+#pragma omp simd
+          for (int64_t j = 0; j < ow; ++j) row[j] = scalar_t(wy0 * top[j] + wy1 * bottom[j]);
+        }
+      }
+    }
+  });
+}
+
 // Gradients of every feature map from `grad` (the output's gradient, read at `layout`).
 template <typename scalar_t, typename Source>
 std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const PointLayout& layout,
@@ -227,8 +376,15 @@ at::Tensor box_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxes,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "box_hypercolumn", [&] {
     using acc_t = acc_type<scalar_t>;
     const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
-    sample_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>(),
-                             grid_layout(out));
+    bool all_planar = true;
+    for (size_t l = 0; l < features.size(); ++l)
+      all_planar = all_planar && planar(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
+    if (all_planar) {
+      box_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>());
+    } else {
+      sample_forward<scalar_t>(features, source, scale_y, scale_x, padding,
+                               out.data_ptr<scalar_t>(), grid_layout(out));
+    }
   });
   return out;
 }
