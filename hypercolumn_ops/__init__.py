@@ -6,10 +6,17 @@
 layer to image size. See ``../shared/CONTRACT.md`` (the project's contract) and the README.
 """
 
-from . import _native  # noqa: F401  (loads and registers the compiled operators when built)
-from .backends import available_backends, use_backend
-from .ops import (box_hypercolumn, fused_hypercolumn, fused_hypercolumn_points, set_value_checks,
-                  sparse_hypercolumn)
+import os
+
+# Under torch.use_deterministic_algorithms(True) cuBLAS matrix products (the score-map projection
+# of the Triton backend, the reference's classifier) raise unless this is set; the operators must
+# never raise for that reason. It only fixes the size of cuBLAS's workspace.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+from . import _native  # noqa: E402, F401  (loads and registers the compiled operators when built)
+from .backends import available_backends, use_backend  # noqa: E402
+from .ops import (box_hypercolumn, fused_hypercolumn, fused_hypercolumn_points,  # noqa: E402
+                  set_value_checks, sparse_hypercolumn)
 
 __version__ = "0.1.0"
 
