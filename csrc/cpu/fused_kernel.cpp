@@ -505,8 +505,10 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
   const int64_t row_blocks = (oh + kBoxRows - 1) / kBoxRows;
   const size_t layers = cls.maps.size();
   at::parallel_for(0, source.rows() * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs, ys, us, vs, scores(4 * outputs);
+    std::vector<acc_t> xs, ys, us, vs, values(outputs);
     std::vector<BoxLayerTaps<acc_t>> taps(layers);
+    std::vector<const acc_t*> lines(layers), wx0(layers), wx1(layers);
+    std::vector<int64_t> left(layers * ow), right(layers * ow);
     int64_t taps_box = -1, b = 0, label = 0;
     bool box_valid = false;
     for (int64_t item = begin; item < end; ++item) {
@@ -560,6 +562,17 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
             for (int64_t k = 0; k < width; ++k) to[k] = wy0 * upper[k] + wy1 * lower[k];
           }
         }
+        // Flat per-row tap tables, so that a point's sums run over plain arrays in registers.
+        for (size_t l = 0; l < layers; ++l) {
+          const BoxLayerTaps<acc_t>& t = taps[l];
+          lines[l] = t.line.data();
+          wx0[l] = t.along_x.weight0.data();
+          wx1[l] = t.along_x.weight1.data();
+          for (int64_t j = 0; j < ow; ++j) {
+            left[l * ow + j] = t.slot0[j] * width - first_cell * outputs;
+            right[l * ow + j] = t.slot1[j] * width - first_cell * outputs;
+          }
+        }
         for (int64_t j = 0; j < ow; ++j) {
           scalar_t* o = row_out + j * layout.j_stride;
           if (!std::isfinite(xs[j])) {
@@ -568,29 +581,22 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
           }
           PointCells<acc_t> pc;
           hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &pc);
+          std::fill(values.begin(), values.end(), acc_t(0));
           for (int64_t u = 0; u < pc.count; ++u) {
-            acc_t* s = scores.data() + u * outputs;
-            const int64_t k0 = (pc.cell[u] - first_cell) * outputs;
+            const int64_t k0 = pc.cell[u] * outputs;
             for (int64_t m = 0; m < outputs; ++m) {
-              s[m] = cls.bias == nullptr
-                         ? acc_t(0)
-                         : acc_t(cls.bias[r * cls.bias_stride[0] + pc.cell[u] * cls.bias_stride[1] +
-                                          m * cls.bias_stride[2]]);
-            }
-            for (size_t l = 0; l < layers; ++l) {
-              const BoxLayerTaps<acc_t>& t = taps[l];
-              const acc_t* left = t.line.data() + t.slot0[j] * width + k0;
-              const acc_t* right = t.line.data() + t.slot1[j] * width + k0;
-              const acc_t wx0 = t.along_x.weight0[j], wx1 = t.along_x.weight1[j];
-              for (int64_t m = 0; m < outputs; ++m) s[m] += wx0 * left[m] + wx1 * right[m];
+              acc_t score = cls.bias == nullptr
+                                ? acc_t(0)
+                                : acc_t(cls.bias[r * cls.bias_stride[0] + pc.cell[u] * cls.bias_stride[1] +
+                                                 m * cls.bias_stride[2]]);
+              for (size_t l = 0; l < layers; ++l) {
+                score += wx0[l][j] * lines[l][left[l * ow + j] + k0 + m] +
+                         wx1[l][j] * lines[l][right[l * ow + j] + k0 + m];
+              }
+              values[m] += pc.alpha[u] * activate(score, cls.activation);
             }
           }
-          for (int64_t m = 0; m < outputs; ++m) {
-            acc_t value = acc_t(0);
-            for (int64_t u = 0; u < pc.count; ++u)
-              value += pc.alpha[u] * activate(scores[u * outputs + m], cls.activation);
-            o[m * layout.channel_stride] = scalar_t(value);
-          }
+          for (int64_t m = 0; m < outputs; ++m) o[m * layout.channel_stride] = scalar_t(values[m]);
         }
       }
     }
