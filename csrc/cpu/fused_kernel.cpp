@@ -472,8 +472,8 @@ void fused_forward(Classifier<scalar_t>& cls, at::TensorList features, const Sou
   });
 }
 
-// Grid rows per box_forward work item: a 50 x 50 grid is 5 items, enough to share a few
-// boxes between threads, each long enough to amortise its box's column taps.
+// Grid rows per box_fused_forward work item: a block's hit cells (the same for every box) are
+// found once per block and thread, and a 50 x 50 grid makes 5 blocks to share between threads.
 constexpr int64_t kBoxRows = 10;
 
 // One projected layer on one box: its x taps at the grid's columns, the distinct map columns
@@ -491,8 +491,9 @@ struct BoxLayerTaps {
 // A box's grid is separable (a grid column has one x and u, a grid row one y and v): per box,
 // every layer's x taps are found once per grid column; per grid row, each layer's score maps are
 // interpolated along y at the distinct map columns the grid reads, for the cells the row can
-// hit; each point then takes two taps per layer and cell. Work items are (box, block of rows),
-// in the output's order; a point's sums do not depend on the item it is in.
+// hit; each point then takes two taps per layer and cell. Work items are (block of rows, box),
+// so that a thread finds a block's hit cells once for all boxes; a point's sums do not depend
+// on the item it is in.
 template <typename scalar_t>
 void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
                        const BoxGrid<acc_type<scalar_t>>& source, scalar_t* out,
@@ -506,14 +507,16 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
   const size_t layers = cls.maps.size();
   at::parallel_for(0, source.rows() * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs, ys, us, vs, values(outputs);
+    std::vector<PointCells<acc_t>> block_cells(kBoxRows * ow);
+    int64_t cells_block = -1;
     std::vector<BoxLayerTaps<acc_t>> taps(layers);
     std::vector<const acc_t*> lines(layers), wx0(layers), wx1(layers);
     std::vector<int64_t> left(layers * ow), right(layers * ow);
     int64_t taps_box = -1, b = 0, label = 0;
     bool box_valid = false;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / row_blocks;
-      const int64_t i0 = (item - r * row_blocks) * kBoxRows, i1 = std::min(i0 + kBoxRows, oh);
+      const int64_t block = item / source.rows(), r = item - block * source.rows();
+      const int64_t i0 = block * kBoxRows, i1 = std::min(i0 + kBoxRows, oh);
       if (r != taps_box) {
         taps_box = r;
         box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
@@ -529,6 +532,12 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
           t.along_y.set(ys, map.scale_y, map.height, cls.padding);
           distinct_indices(t.along_x, map.width, &t.columns, &t.slot0, &t.slot1);
         }
+      }
+      if (block != cells_block) {  // u and v do not depend on the box
+        cells_block = block;
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = 0; j < ow; ++j)
+            hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &block_cells[(i - i0) * ow + j]);
       }
       scalar_t* box_out = out + r * layout.row_stride;
       for (int64_t i = i0; i < i1; ++i) {
@@ -579,8 +588,7 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
             for (int64_t m = 0; m < outputs; ++m) o[m * layout.channel_stride] = scalar_t(quiet_nan<acc_t>());
             continue;
           }
-          PointCells<acc_t> pc;
-          hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &pc);
+          const PointCells<acc_t>& pc = block_cells[(i - i0) * ow + j];
           std::fill(values.begin(), values.end(), acc_t(0));
           for (int64_t u = 0; u < pc.count; ++u) {
             const int64_t k0 = pc.cell[u] * outputs;
