@@ -505,8 +505,13 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
   const int64_t outputs = shape.outputs, channels = cls.score_channels();
   const int64_t row_blocks = (oh + kBoxRows - 1) / kBoxRows;
   const size_t layers = cls.maps.size();
+  const auto bias_at = [&](int64_t r, int64_t cell, int64_t m) {
+    return cls.bias == nullptr ? acc_t(0)
+                               : acc_t(cls.bias[r * cls.bias_stride[0] + cell * cls.bias_stride[1] +
+                                                m * cls.bias_stride[2]]);
+  };
   at::parallel_for(0, source.rows() * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs, ys, us, vs, values(outputs);
+    std::vector<acc_t> xs, ys, us, vs, scores(outputs), values(outputs);
     std::vector<PointCells<acc_t>> block_cells(kBoxRows * ow);
     int64_t cells_block = -1;
     std::vector<BoxLayerTaps<acc_t>> taps(layers);
@@ -571,7 +576,7 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
             for (int64_t k = 0; k < width; ++k) to[k] = wy0 * upper[k] + wy1 * lower[k];
           }
         }
-        // Flat per-row tap tables, so that a point's sums run over plain arrays in registers.
+        // Flat per-row tap tables: a point's sums read plain arrays.
         for (size_t l = 0; l < layers; ++l) {
           const BoxLayerTaps<acc_t>& t = taps[l];
           lines[l] = t.line.data();
@@ -592,17 +597,23 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
           std::fill(values.begin(), values.end(), acc_t(0));
           for (int64_t u = 0; u < pc.count; ++u) {
             const int64_t k0 = pc.cell[u] * outputs;
-            for (int64_t m = 0; m < outputs; ++m) {
-              acc_t score = cls.bias == nullptr
-                                ? acc_t(0)
-                                : acc_t(cls.bias[r * cls.bias_stride[0] + pc.cell[u] * cls.bias_stride[1] +
-                                                 m * cls.bias_stride[2]]);
-              for (size_t l = 0; l < layers; ++l) {
-                score += wx0[l][j] * lines[l][left[l * ow + j] + k0 + m] +
-                         wx1[l][j] * lines[l][right[l * ow + j] + k0 + m];
-              }
-              values[m] += pc.alpha[u] * activate(score, cls.activation);
+            if (outputs == 1) {  // one score: kept in a register across the layers
+              acc_t score = bias_at(r, pc.cell[u], 0);
+              for (size_t l = 0; l < layers; ++l)
+                score += wx0[l][j] * lines[l][left[l * ow + j] + k0] + wx1[l][j] * lines[l][right[l * ow + j] + k0];
+              values[0] += pc.alpha[u] * activate(score, cls.activation);
+              continue;
             }
+            for (int64_t m = 0; m < outputs; ++m) scores[m] = bias_at(r, pc.cell[u], m);
+            for (size_t l = 0; l < layers; ++l) {  // several scores: each layer's M taps as vectors
+              const acc_t* left_m = lines[l] + left[l * ow + j] + k0;
+              const acc_t* right_m = lines[l] + right[l * ow + j] + k0;
+              const acc_t w0 = wx0[l][j], w1 = wx1[l][j];
+#pragma omp simd
+              for (int64_t m = 0; m < outputs; ++m) scores[m] += w0 * left_m[m] + w1 * right_m[m];
+            }
+            for (int64_t m = 0; m < outputs; ++m)
+              values[m] += pc.alpha[u] * activate(scores[m], cls.activation);
           }
           for (int64_t m = 0; m < outputs; ++m) o[m * layout.channel_stride] = scalar_t(values[m]);
         }
