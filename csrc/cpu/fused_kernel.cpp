@@ -6,7 +6,9 @@
 //   sample features (0): gather a block of points' features, a channel chunk at a time, and
 //     take dot products with the hit cells' classifier rows;
 //   project scores (1): one GEMM maps the layer to NC * KK * M score channels, (B, H, W, Q) in
-//     the accumulation dtype, which the points then sample.
+//     the accumulation dtype, which the points then sample. Box grids whose layers are all
+//     projected use the grid's separability instead (box_fused_forward): taps per grid column
+//     and per grid row, score maps interpolated along y once per grid row.
 // Backward recomputes the scores where the sigmoid needs them, stores dL/ds per point and hit
 // cell, then: projected layers scatter dL/ds into gradient score maps (parallel over bands of
 // map rows) followed by two GEMMs; sampled layers scatter per channel block (parallel over
@@ -16,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -291,6 +294,23 @@ struct PointCells {
   acc_t alpha[4];
 };
 
+// The distinct cells of non-zero weight among `w`'s four, into pc's cells and alphas.
+template <typename acc_t>
+void hit_cells(const LocationWeights<acc_t>& w, PointCells<acc_t>* pc) {
+  pc->count = 0;
+  for (int q = 0; q < 4; ++q) {
+    if (w.alpha[q] == acc_t(0)) continue;
+    int64_t u = 0;
+    while (u < pc->count && pc->cell[u] != w.cell[q]) ++u;
+    if (u == pc->count) {
+      pc->cell[u] = w.cell[q];
+      pc->alpha[u] = acc_t(0);
+      ++pc->count;
+    }
+    pc->alpha[u] += w.alpha[q];
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 PointCells<acc_t> point_cells(const Classifier<scalar_t>& cls, const ImagePoint<acc_t>& point,
                               int64_t row) {
@@ -304,19 +324,7 @@ PointCells<acc_t> point_cells(const Classifier<scalar_t>& cls, const ImagePoint<
     pc.label = cls.labels[row * cls.label_stride];
     pc.valid = pc.valid && pc.label >= 0 && pc.label < cls.shape.classes;
   }
-  if (!pc.valid) return pc;
-  const LocationWeights<acc_t> w = location_weights<acc_t>(point.u, point.v, cls.shape.grid);
-  for (int q = 0; q < 4; ++q) {
-    if (w.alpha[q] == acc_t(0)) continue;
-    int64_t u = 0;
-    while (u < pc.count && pc.cell[u] != w.cell[q]) ++u;
-    if (u == pc.count) {
-      pc.cell[u] = w.cell[q];
-      pc.alpha[u] = acc_t(0);
-      ++pc.count;
-    }
-    pc.alpha[u] += w.alpha[q];
-  }
+  if (pc.valid) hit_cells(location_weights<acc_t>(point.u, point.v, cls.shape.grid), &pc);
   return pc;
 }
 
@@ -458,6 +466,156 @@ void fused_forward(Classifier<scalar_t>& cls, at::TensorList features, const Sou
               value += pc.alpha[u] * activate(buf.scores[(i * 4 + u) * outputs + m], cls.activation);
           }
           o[m * layout.channel_stride] = scalar_t(value);
+        }
+      }
+    }
+  });
+}
+
+// Grid rows per box_fused_forward work item: a block's hit cells (the same for every box) are
+// found once per block and thread, and a 50 x 50 grid makes 5 blocks to share between threads.
+constexpr int64_t kBoxRows = 10;
+
+// One projected layer on one box: its x taps at the grid's columns, the distinct map columns
+// they read and, per grid column, where its two map columns are in that list; y taps per grid row.
+template <typename acc_t>
+struct BoxLayerTaps {
+  BoxAxis<acc_t> along_x, along_y;
+  std::vector<int64_t> columns, slot0, slot1;
+  // Per grid row: the label's score channels of the row's cells, interpolated along y at every
+  // distinct column, (columns, channels of the row's cells).
+  std::vector<acc_t> line;
+};
+
+// fused_forward on box grids where every layer is projected, into (R, M, oh, ow) at `layout`.
+// A box's grid is separable (a grid column has one x and u, a grid row one y and v): per box,
+// every layer's x taps are found once per grid column; per grid row, each layer's score maps are
+// interpolated along y at the distinct map columns the grid reads, for the cells the row can
+// hit; each point then takes two taps per layer and cell. Work items are (block of rows, box),
+// so that a thread finds a block's hit cells once for all boxes; a point's sums do not depend
+// on the item it is in.
+template <typename scalar_t>
+void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
+                       const BoxGrid<acc_type<scalar_t>>& source, scalar_t* out,
+                       const PointLayout& layout) {
+  using acc_t = acc_type<scalar_t>;
+  project_layers(cls, features);
+  const ClassifierShape& shape = cls.shape;
+  const int64_t oh = source.output_height, ow = source.output_width;
+  const int64_t outputs = shape.outputs, channels = cls.score_channels();
+  const int64_t row_blocks = (oh + kBoxRows - 1) / kBoxRows;
+  const size_t layers = cls.maps.size();
+  const auto bias_at = [&](int64_t r, int64_t cell, int64_t m) {
+    return cls.bias == nullptr ? acc_t(0)
+                               : acc_t(cls.bias[r * cls.bias_stride[0] + cell * cls.bias_stride[1] +
+                                                m * cls.bias_stride[2]]);
+  };
+  at::parallel_for(0, source.rows() * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xs, ys, us, vs, scores(outputs), values(outputs);
+    std::vector<PointCells<acc_t>> block_cells(kBoxRows * ow);
+    int64_t cells_block = -1;
+    std::vector<BoxLayerTaps<acc_t>> taps(layers);
+    std::vector<const acc_t*> lines(layers), wx0(layers), wx1(layers);
+    std::vector<int64_t> left(layers * ow), right(layers * ow);
+    int64_t taps_box = -1, b = 0, label = 0;
+    bool box_valid = false;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item / source.rows(), r = item - block * source.rows();
+      const int64_t i0 = block * kBoxRows, i1 = std::min(i0 + kBoxRows, oh);
+      if (r != taps_box) {
+        taps_box = r;
+        box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
+        if (cls.labels != nullptr) {
+          label = cls.labels[r * cls.label_stride];
+          box_valid = box_valid && label >= 0 && label < shape.classes;
+        }
+        source.axes(r, &xs, &ys, &us, &vs);
+        for (size_t l = 0; l < layers; ++l) {
+          const FeatureMap<scalar_t>& map = cls.maps[l];
+          BoxLayerTaps<acc_t>& t = taps[l];
+          t.along_x.set(xs, map.scale_x, map.width, cls.padding);
+          t.along_y.set(ys, map.scale_y, map.height, cls.padding);
+          distinct_indices(t.along_x, map.width, &t.columns, &t.slot0, &t.slot1);
+        }
+      }
+      if (block != cells_block) {  // u and v do not depend on the box
+        cells_block = block;
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = 0; j < ow; ++j)
+            hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &block_cells[(i - i0) * ow + j]);
+      }
+      scalar_t* box_out = out + r * layout.row_stride;
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* row_out = box_out + i * layout.i_stride;
+        if (!box_valid || !std::isfinite(ys[i])) {
+          for (int64_t j = 0; j < ow; ++j)
+            for (int64_t m = 0; m < outputs; ++m)
+              row_out[j * layout.j_stride + m * layout.channel_stride] = scalar_t(quiet_nan<acc_t>());
+          continue;
+        }
+        // The row's cells are those of its (one or two) rows of the K x K grid: one contiguous
+        // run of score channels, from the first cell of the row's upper K-grid row.
+        const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
+        const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
+        const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
+        const int64_t q0 = cls.score_row(label, first_cell);
+        const int64_t width = (end_cell - first_cell) * outputs;
+        for (size_t l = 0; l < layers; ++l) {
+          const FeatureMap<scalar_t>& map = cls.maps[l];
+          BoxLayerTaps<acc_t>& t = taps[l];
+          const acc_t* map_scores = cls.score_maps[l].template const_data_ptr<acc_t>() + q0;
+          const acc_t* top = map_scores + (b * map.height + t.along_y.index0[i]) * map.width * channels;
+          const acc_t* bottom = map_scores + (b * map.height + t.along_y.index1[i]) * map.width * channels;
+          const acc_t wy0 = t.along_y.weight0[i], wy1 = t.along_y.weight1[i];
+          t.line.resize(t.columns.size() * width);
+          for (size_t s = 0; s < t.columns.size(); ++s) {
+            const acc_t* upper = top + t.columns[s] * channels;
+            const acc_t* lower = bottom + t.columns[s] * channels;
+            acc_t* to = t.line.data() + s * width;
+#pragma omp simd
+            for (int64_t k = 0; k < width; ++k) to[k] = wy0 * upper[k] + wy1 * lower[k];
+          }
+        }
+        // Flat per-row tap tables: a point's sums read plain arrays.
+        for (size_t l = 0; l < layers; ++l) {
+          const BoxLayerTaps<acc_t>& t = taps[l];
+          lines[l] = t.line.data();
+          wx0[l] = t.along_x.weight0.data();
+          wx1[l] = t.along_x.weight1.data();
+          for (int64_t j = 0; j < ow; ++j) {
+            left[l * ow + j] = t.slot0[j] * width - first_cell * outputs;
+            right[l * ow + j] = t.slot1[j] * width - first_cell * outputs;
+          }
+        }
+        for (int64_t j = 0; j < ow; ++j) {
+          scalar_t* o = row_out + j * layout.j_stride;
+          if (!std::isfinite(xs[j])) {
+            for (int64_t m = 0; m < outputs; ++m) o[m * layout.channel_stride] = scalar_t(quiet_nan<acc_t>());
+            continue;
+          }
+          const PointCells<acc_t>& pc = block_cells[(i - i0) * ow + j];
+          std::fill(values.begin(), values.end(), acc_t(0));
+          for (int64_t u = 0; u < pc.count; ++u) {
+            const int64_t k0 = pc.cell[u] * outputs;
+            if (outputs == 1) {  // one score: kept in a register across the layers
+              acc_t score = bias_at(r, pc.cell[u], 0);
+              for (size_t l = 0; l < layers; ++l)
+                score += wx0[l][j] * lines[l][left[l * ow + j] + k0] + wx1[l][j] * lines[l][right[l * ow + j] + k0];
+              values[0] += pc.alpha[u] * activate(score, cls.activation);
+              continue;
+            }
+            for (int64_t m = 0; m < outputs; ++m) scores[m] = bias_at(r, pc.cell[u], m);
+            for (size_t l = 0; l < layers; ++l) {  // several scores: each layer's M taps as vectors
+              const acc_t* left_m = lines[l] + left[l * ow + j] + k0;
+              const acc_t* right_m = lines[l] + right[l * ow + j] + k0;
+              const acc_t w0 = wx0[l][j], w1 = wx1[l][j];
+#pragma omp simd
+              for (int64_t m = 0; m < outputs; ++m) scores[m] += w0 * left_m[m] + w1 * right_m[m];
+            }
+            for (int64_t m = 0; m < outputs; ++m)
+              values[m] += pc.alpha[u] * activate(scores[m], cls.activation);
+          }
+          for (int64_t m = 0; m < outputs; ++m) o[m * layout.channel_stride] = scalar_t(values[m]);
         }
       }
     }
@@ -663,7 +821,13 @@ at::Tensor fused_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxe
     Classifier<scalar_t> cls = make_classifier<scalar_t>(features, weights, bias, labels, shape,
                                                          scale_y, scale_x, padding, activation, orders);
     const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
-    fused_forward(cls, features, source, out.data_ptr<scalar_t>(), grid_layout(out));
+    const bool all_projected = std::all_of(cls.orders.begin(), cls.orders.end(),
+                                           [](int64_t order) { return order == kOrderProjectScores; });
+    if (all_projected) {
+      box_fused_forward(cls, features, source, out.data_ptr<scalar_t>(), grid_layout(out));
+    } else {
+      fused_forward(cls, features, source, out.data_ptr<scalar_t>(), grid_layout(out));
+    }
   });
   return out;
 }

@@ -173,6 +173,27 @@ struct BoxGrid {
                           &point.x, &point.y, &point.u, &point.v);
     return point;
   }
+
+  // A box grid is separable: grid column j has one x and one u, grid row i one y and one v.
+  // Box r's xs[j], us[j] (ow each) and ys[i], vs[i] (oh each), as operator() computes them.
+  void axes(int64_t r, std::vector<acc_t>* xs, std::vector<acc_t>* ys, std::vector<acc_t>* us,
+            std::vector<acc_t>* vs) const {
+    const acc_t* box = boxes + 5 * r;
+    xs->resize(output_width);
+    us->resize(output_width);
+    ys->resize(output_height);
+    vs->resize(output_height);
+    acc_t x, y, u, v;
+    for (int64_t j = 0; j < output_width; ++j) {
+      box_grid_point<acc_t>(box[1], box[2], box[3], box[4], 0, j, output_height, output_width,
+                            &x, &y, &(*us)[j], &v);
+      (*xs)[j] = x;
+    }
+    for (int64_t i = 0; i < output_height; ++i) {
+      box_grid_point<acc_t>(box[1], box[2], box[3], box[4], i, 0, output_height, output_width,
+                            &x, &(*ys)[i], &u, &(*vs)[i]);
+    }
+  }
 };
 
 // Where point p's values live in a tensor laid out (rows, channels, oh, ow) or (rows, channels):
@@ -247,6 +268,55 @@ SampleTaps<acc_t> sample_taps(const FeatureMap<scalar_t>& map, acc_t x, acc_t y,
                             base + t.y1 * stride_h + t.x0 * stride_w,
                             base + t.y1 * stride_h + t.x1 * stride_w},
                            {t.w00, t.w01, t.w10, t.w11}};
+}
+
+// One axis of a box grid on one map: per grid column (or row) its two map indices and their
+// weights with the padding folded in, so that bilinear_taps's four weights are the products of
+// the two axes' weights.
+template <typename acc_t>
+struct BoxAxis {
+  std::vector<int64_t> index0, index1;
+  std::vector<acc_t> weight0, weight1;
+
+  // Image coordinates `coord` (pixels) on a map axis of `size` with `scale`.
+  void set(const std::vector<acc_t>& coord, double scale, int64_t size, int64_t padding) {
+    const size_t count = coord.size();
+    index0.resize(count);
+    index1.resize(count);
+    weight0.resize(count);
+    weight1.resize(count);
+    for (size_t k = 0; k < count; ++k) {
+      acc_t frac;
+      const bool inside =
+          feature_axis<acc_t>(coord[k], acc_t(scale), size, padding, &index0[k], &index1[k], &frac);
+      const acc_t keep = inside ? acc_t(1) : acc_t(0);
+      weight0[k] = keep * (acc_t(1) - frac);
+      weight1[k] = keep * frac;
+    }
+  }
+};
+
+// The distinct map indices a box grid's axis reads (`indices`, in [0, size)) and, per grid row
+// (or column), where its two map indices are in that list.
+template <typename acc_t>
+void distinct_indices(const BoxAxis<acc_t>& axis, int64_t size, std::vector<int64_t>* indices,
+                      std::vector<int64_t>* slot0, std::vector<int64_t>* slot1) {
+  std::vector<int64_t> slot_of_index(size, -1);
+  const size_t count = axis.index0.size();
+  indices->clear();
+  slot0->resize(count);
+  slot1->resize(count);
+  auto slot = [&](int64_t index) {
+    if (slot_of_index[index] < 0) {
+      slot_of_index[index] = static_cast<int64_t>(indices->size());
+      indices->push_back(index);
+    }
+    return slot_of_index[index];
+  };
+  for (size_t k = 0; k < count; ++k) {
+    (*slot0)[k] = slot(axis.index0[k]);
+    (*slot1)[k] = slot(axis.index1[k]);
+  }
 }
 
 // Taps of a point that samples nothing: offset 0 (in range of any non-empty map) and NaN weights,

@@ -136,55 +136,6 @@ bool planar(const FeatureMap<scalar_t>& map) {
   return map.stride_c >= std::max(map.stride_w, map.stride_h);
 }
 
-// One axis of a box grid on one map: per grid column (or row) its two map indices and their
-// weights with the padding folded in, so that bilinear_taps's four weights are the products of
-// the two axes' weights.
-template <typename acc_t>
-struct BoxAxis {
-  std::vector<int64_t> index0, index1;
-  std::vector<acc_t> weight0, weight1;
-
-  // Image coordinates `coord` (pixels) on a map axis of `size` with `scale`.
-  void set(const std::vector<acc_t>& coord, double scale, int64_t size, int64_t padding) {
-    const size_t count = coord.size();
-    index0.resize(count);
-    index1.resize(count);
-    weight0.resize(count);
-    weight1.resize(count);
-    for (size_t k = 0; k < count; ++k) {
-      acc_t frac;
-      const bool inside =
-          feature_axis<acc_t>(coord[k], acc_t(scale), size, padding, &index0[k], &index1[k], &frac);
-      const acc_t keep = inside ? acc_t(1) : acc_t(0);
-      weight0[k] = keep * (acc_t(1) - frac);
-      weight1[k] = keep * frac;
-    }
-  }
-};
-
-// The distinct map rows a box grid's y axis reads (`rows`, map indices) and, per grid row, where
-// its two map rows are in that list.
-template <typename acc_t>
-void distinct_rows(const BoxAxis<acc_t>& along_y, int64_t height, std::vector<int64_t>* rows,
-                   std::vector<int64_t>* slot0, std::vector<int64_t>* slot1) {
-  std::vector<int64_t> slot_of_row(height, -1);
-  const size_t count = along_y.index0.size();
-  rows->clear();
-  slot0->resize(count);
-  slot1->resize(count);
-  auto slot = [&](int64_t row) {
-    if (slot_of_row[row] < 0) {
-      slot_of_row[row] = static_cast<int64_t>(rows->size());
-      rows->push_back(row);
-    }
-    return slot_of_row[row];
-  };
-  for (size_t k = 0; k < count; ++k) {
-    (*slot0)[k] = slot(along_y.index0[k]);
-    (*slot1)[k] = slot(along_y.index1[k]);
-  }
-}
-
 // box_hypercolumn into a contiguous (R, C, oh, ow) `out` from planar maps. Work items are
 // (box, block of channels) in the output's order, so each thread writes (and first-touches) its
 // own contiguous part of the output. A box's grid is separable (a grid column has one x, a grid
@@ -210,7 +161,7 @@ void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& sou
   const int64_t block_count = static_cast<int64_t>(blocks.size());
   at::parallel_for(0, source.rows() * block_count, 1, [&](int64_t begin, int64_t end) {
     BoxAxis<acc_t> along_x, along_y;
-    std::vector<acc_t> xs(ow), ys(oh), interpolated;
+    std::vector<acc_t> xs, ys, us, vs, interpolated;
     std::vector<int64_t> x0(ow), x1(ow), rows, slot0, slot1;
     int64_t taps_row = -1, taps_layer = -1, batch_offset = 0;
     bool valid = false;
@@ -220,26 +171,17 @@ void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& sou
       const FeatureMap<scalar_t>& map = maps[block.layer];
       scalar_t* dst = out + (r * channels + first[block.layer] + block.c0) * cells;
       if (r != taps_row || block.layer != taps_layer) {
-        const acc_t* box = source.boxes + 5 * r;
         int64_t b;
-        valid = batch_index<acc_t>(box[0], map.batch, &b);
+        valid = batch_index<acc_t>(source.boxes[5 * r], map.batch, &b);
         if (valid) {
-          acc_t x, y, u, v;
-          for (int64_t j = 0; j < ow; ++j) {
-            box_grid_point<acc_t>(box[1], box[2], box[3], box[4], 0, j, oh, ow, &x, &y, &u, &v);
-            xs[j] = x;
-          }
-          for (int64_t i = 0; i < oh; ++i) {
-            box_grid_point<acc_t>(box[1], box[2], box[3], box[4], i, 0, oh, ow, &x, &y, &u, &v);
-            ys[i] = y;
-          }
+          source.axes(r, &xs, &ys, &us, &vs);
           along_x.set(xs, map.scale_x, map.width, padding);
           along_y.set(ys, map.scale_y, map.height, padding);
           for (int64_t j = 0; j < ow; ++j) {
             x0[j] = along_x.index0[j] * map.stride_w;
             x1[j] = along_x.index1[j] * map.stride_w;
           }
-          distinct_rows(along_y, map.height, &rows, &slot0, &slot1);
+          distinct_indices(along_y, map.height, &rows, &slot0, &slot1);
           interpolated.resize(rows.size() * ow);
           batch_offset = b * map.stride_b;
         }
