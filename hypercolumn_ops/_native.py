@@ -6,18 +6,27 @@ Importing this module loads ``hypercolumn_ops._C``. A package installed without 
 torch than the one running is refused with an ImportError that says how to rebuild.
 """
 
+import importlib
+import importlib.util
+
 import torch
 from torch import Tensor
 
-try:
-    from . import _C
-except ImportError as error:
-    if "No module named" not in str(error):
+
+def _load_extension():
+    """The compiled module, or None where it was not built."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None
+    try:
+        return importlib.import_module(f"{__package__}._C")
+    except ImportError as error:  # built, but does not load: an undefined symbol of another torch
         raise ImportError(
             f"hypercolumn_ops: the compiled extension failed to load ({error}). It was probably built "
             f"against another torch than {torch.__version__}; rebuild it with "
             f"`pip install --no-build-isolation -e .`") from error
-    _C = None
+
+
+_C = _load_extension()
 
 BUILD_INFO = _C.build_info() if _C is not None else None
 
