@@ -876,6 +876,30 @@ std::pair<at::Tensor, at::Tensor> point_coordinates(at::TensorList features,
   return {coords, places};
 }
 
+// The checked arguments of the point operators (forward and backward alike).
+struct PointArguments {
+  int64_t count;
+  ClassifierShape shape;
+  at::Tensor coords, places;
+};
+
+PointArguments check_point_arguments(at::TensorList features, const at::Tensor& points,
+                                     const std::optional<at::Tensor>& locations,
+                                     at::TensorList weights, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& labels,
+                                     at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                     int64_t padding, int64_t activation, at::IntArrayRef orders) {
+  check_features(features);
+  TORCH_CHECK(points.defined() && points.dim() == 2, "points: expected shape (N, 3), got ",
+              points.sizes());
+  PointArguments args;
+  args.count = points.size(0);
+  args.shape = check_fused(features, weights, bias, labels, args.count, scale_y, scale_x, padding,
+                           activation, orders);
+  std::tie(args.coords, args.places) = point_coordinates(features, points, locations, args.shape);
+  return args;
+}
+
 at::Tensor fused_hypercolumn_points_cpu(at::TensorList features, const at::Tensor& points,
                                         const std::optional<at::Tensor>& locations,
                                         at::TensorList weights,
@@ -884,14 +908,12 @@ at::Tensor fused_hypercolumn_points_cpu(at::TensorList features, const at::Tenso
                                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                                         int64_t padding, int64_t activation,
                                         at::IntArrayRef orders) {
-  check_features(features);
-  TORCH_CHECK(points.defined() && points.dim() == 2, "points: expected shape (N, 3), got ",
-              points.sizes());
-  const int64_t count = points.size(0);
-  const ClassifierShape shape = check_fused(features, weights, bias, labels, count, scale_y,
-                                            scale_x, padding, activation, orders);
-  at::Tensor coords, places;
-  std::tie(coords, places) = point_coordinates(features, points, locations, shape);
+  const PointArguments args = check_point_arguments(features, points, locations, weights, bias,
+                                                    labels, scale_y, scale_x, padding, activation,
+                                                    orders);
+  const int64_t count = args.count;
+  const ClassifierShape& shape = args.shape;
+  const at::Tensor &coords = args.coords, &places = args.places;
   at::Tensor out = new_output({count, shape.outputs}, features[0].options());
   if (count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_hypercolumn_points", [&] {
@@ -914,14 +936,12 @@ fused_hypercolumn_points_backward_cpu(const at::Tensor& grad, at::TensorList fea
                                       const std::optional<at::Tensor>& labels,
                                       at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                                       int64_t padding, int64_t activation, at::IntArrayRef orders) {
-  check_features(features);
-  TORCH_CHECK(points.defined() && points.dim() == 2, "points: expected shape (N, 3), got ",
-              points.sizes());
-  const int64_t count = points.size(0);
-  const ClassifierShape shape = check_fused(features, weights, bias, labels, count, scale_y,
-                                            scale_x, padding, activation, orders);
-  at::Tensor coords, places;
-  std::tie(coords, places) = point_coordinates(features, points, locations, shape);
+  const PointArguments args = check_point_arguments(features, points, locations, weights, bias,
+                                                    labels, scale_y, scale_x, padding, activation,
+                                                    orders);
+  const int64_t count = args.count;
+  const ClassifierShape& shape = args.shape;
+  const at::Tensor &coords = args.coords, &places = args.places;
   check_grad(grad, {count, shape.outputs}, features[0].scalar_type());
   std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_hypercolumn_points_backward", [&] {
