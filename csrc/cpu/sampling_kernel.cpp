@@ -261,13 +261,22 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const PointLayou
   return grads;
 }
 
-at::Tensor sparse_hypercolumn_cpu(at::TensorList features, const at::Tensor& points,
-                                  at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                                  int64_t padding) {
+// The checks every sampling operator makes, forward and backward: features, scales, padding,
+// and the coordinate rows (returned in the accumulation dtype, contiguous).
+at::Tensor check_sampling_arguments(at::TensorList features, const char* name, const at::Tensor& rows,
+                                    int64_t columns, at::ArrayRef<double> scale_y,
+                                    at::ArrayRef<double> scale_x, int64_t padding) {
   check_features(features);
   check_scales(scale_y, scale_x, features.size());
   check_padding(padding);
-  const at::Tensor coords = check_coordinates("points", points, 3, features[0].scalar_type());
+  return check_coordinates(name, rows, columns, features[0].scalar_type());
+}
+
+at::Tensor sparse_hypercolumn_cpu(at::TensorList features, const at::Tensor& points,
+                                  at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                  int64_t padding) {
+  const at::Tensor coords = check_sampling_arguments(features, "points", points, 3, scale_y, scale_x,
+                                                     padding);
   const int64_t count = coords.size(0), channels = total_channels(features);
   at::Tensor out = new_output({count, channels}, features[0].options());
   if (count == 0) return out;
@@ -286,10 +295,8 @@ std::vector<at::Tensor> sparse_hypercolumn_backward_cpu(const at::Tensor& grad,
                                                         at::ArrayRef<double> scale_y,
                                                         at::ArrayRef<double> scale_x,
                                                         int64_t padding) {
-  check_features(features);
-  check_scales(scale_y, scale_x, features.size());
-  check_padding(padding);
-  const at::Tensor coords = check_coordinates("points", points, 3, features[0].scalar_type());
+  const at::Tensor coords = check_sampling_arguments(features, "points", points, 3, scale_y, scale_x,
+                                                     padding);
   const int64_t count = coords.size(0);
   check_grad(grad, {count, total_channels(features)}, features[0].scalar_type());
   std::vector<at::Tensor> grads;
@@ -306,11 +313,9 @@ at::Tensor box_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxes,
                                int64_t output_height, int64_t output_width,
                                at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                                int64_t padding) {
-  check_features(features);
   check_output_size(output_height, output_width);
-  check_scales(scale_y, scale_x, features.size());
-  check_padding(padding);
-  const at::Tensor coords = check_coordinates("boxes", boxes, 5, features[0].scalar_type());
+  const at::Tensor coords = check_sampling_arguments(features, "boxes", boxes, 5, scale_y, scale_x,
+                                                     padding);
   const int64_t count = coords.size(0), channels = total_channels(features);
   at::Tensor out =
       new_output({count, channels, output_height, output_width}, features[0].options());
@@ -338,11 +343,9 @@ std::vector<at::Tensor> box_hypercolumn_backward_cpu(const at::Tensor& grad,
                                                      at::ArrayRef<double> scale_y,
                                                      at::ArrayRef<double> scale_x,
                                                      int64_t padding) {
-  check_features(features);
   check_output_size(output_height, output_width);
-  check_scales(scale_y, scale_x, features.size());
-  check_padding(padding);
-  const at::Tensor coords = check_coordinates("boxes", boxes, 5, features[0].scalar_type());
+  const at::Tensor coords = check_sampling_arguments(features, "boxes", boxes, 5, scale_y, scale_x,
+                                                     padding);
   const int64_t count = coords.size(0);
   check_grad(grad, {count, total_channels(features), output_height, output_width},
              features[0].scalar_type());
