@@ -19,6 +19,11 @@ NAMES = ("native", "triton", "reference")
 # A stack rather than a thread-local: torch.compile reads (and guards on) module globals.
 _forced: List[str] = []
 
+# Looked up once, at import: torch.compile does not trace importlib (torch 2.11) or os.environ
+# (torch 2.4). Triton itself reads TRITON_INTERPRET once, when it is first imported.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def _device_type(device: Union[str, torch.device]) -> str:
     return torch.device(device).type
@@ -31,11 +36,11 @@ def _native_available(device_type: str) -> bool:
 
 
 def _triton_available(device_type: str) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     if device_type == "cuda":
         return torch.cuda.is_available()
-    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device_type == "cpu" and _TRITON_INTERPRET
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:

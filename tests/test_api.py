@@ -250,7 +250,7 @@ def test_use_backend_nests_and_restores():
 
 
 def test_unavailable_backend_for_the_device(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton then runs on CUDA tensors only
+    monkeypatch.setattr(hypercolumn_ops.backends, "_TRITON_INTERPRET", False)  # Triton: CUDA tensors only
     if torch.cuda.is_available():
         pytest.skip("triton is available on this machine's GPU")
     with pytest.raises(ValueError, match="triton"):
