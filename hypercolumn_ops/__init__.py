@@ -9,8 +9,9 @@ layer to image size. See ``../shared/CONTRACT.md`` (the project's contract) and 
 import os
 
 # Under torch.use_deterministic_algorithms(True) cuBLAS matrix products (the score-map projection
-# of the Triton backend, the reference's classifier) raise unless this is set; the operators must
-# never raise for that reason. It only fixes the size of cuBLAS's workspace.
+# of the CUDA and Triton backends, the reference's classifier) raise unless this is set; the
+# operators must never raise for that reason (the CUDA kernels fall back to sampling features
+# where it is set to something else). It only fixes the size of cuBLAS's workspace.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from . import _native  # noqa: E402, F401  (loads and registers the compiled operators when built)

@@ -72,6 +72,14 @@ def normalised_args(case):
     return list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
 
 
+def run_in_order(case, module, order):
+    """The case's fused operator through ``module`` with every layer in ``order``."""
+    # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
+    args = normalised_args(case)
+    args[-1] = [order] * len(args[0])
+    return getattr(module, case.op)(*args)
+
+
 def leaf(value):
     """Tensors (also inside lists) as fresh autograd leaves, so that a test may run backward often."""
     if isinstance(value, torch.Tensor):
@@ -90,17 +98,43 @@ def test_matches_reference_float64(index):
 @pytest.mark.parametrize("index", FUSED_IDS, ids=[CASE_IDS[i] for i in FUSED_IDS])
 def test_fused_orders_match_reference(index, order):
     case = cuda_cases(torch.float64)[index]
-
-    def run(module):
-        # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
-        args = normalised_args(case)
-        args[-1] = [order] * len(args[0])
-        return getattr(module, case.op)(*args)
-
     inputs = cases.differentiable_inputs(case)
-    native = forward_and_grads(lambda: run(torch.ops.hypercolumn_ops), inputs)
-    expected = forward_and_grads(lambda: run(reference), inputs)
+    native = forward_and_grads(lambda: run_in_order(case, torch.ops.hypercolumn_ops, order), inputs)
+    expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
     assert_all_close(native, expected, RTOL64, ATOL64, f"{case} order {order}")
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.parametrize("index", FUSED_IDS, ids=[CASE_IDS[i] for i in FUSED_IDS])
+def test_fused_orders_deterministic(index, order):
+    # Each order's deterministic scatter (sorted per-pixel segments; order 1 keeps cuBLAS, which the
+    # package's CUBLAS_WORKSPACE_CONFIG makes reproducible): the reference's values, the same bits twice.
+    case64, case32 = cuda_cases(torch.float64)[index], cuda_cases(torch.float32)[index]
+    inputs64, inputs32 = cases.differentiable_inputs(case64), cases.differentiable_inputs(case32)
+    expected = forward_and_grads(lambda: run_in_order(case64, reference, order), inputs64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        native = forward_and_grads(lambda: run_in_order(case64, torch.ops.hypercolumn_ops, order), inputs64)
+        first = forward_and_grads(lambda: run_in_order(case32, torch.ops.hypercolumn_ops, order), inputs32)
+        second = forward_and_grads(lambda: run_in_order(case32, torch.ops.hypercolumn_ops, order), inputs32)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_all_close(native, expected, RTOL64, ATOL64, f"{case64} order {order}, deterministic")
+    assert_all_close(second, first, 0.0, 0.0, f"{case32} order {order}, run to run")
+
+
+def test_deterministic_without_cublas_config(monkeypatch, deterministic):
+    # Without a reproducible cuBLAS configuration the kernels fall back to order 0 (exact too)
+    # instead of raising.
+    case = cuda_cases(torch.float64)[FUSED_IDS[0]]
+    inputs = cases.differentiable_inputs(case)
+    torch.use_deterministic_algorithms(False)
+    expected = forward_and_grads(lambda: run_in_order(case, reference, 1), inputs)
+    torch.use_deterministic_algorithms(True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    native = forward_and_grads(lambda: run_in_order(case, torch.ops.hypercolumn_ops, 1), inputs)
+    assert_all_close(native, expected, RTOL64, ATOL64, f"{case} without CUBLAS_WORKSPACE_CONFIG")
 
 
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
@@ -146,9 +180,9 @@ def test_deterministic_mode(index, deterministic):
 
 
 # Why each tolerance: outputs round once to the dtype (float16: 2^-11, bfloat16: 2^-8 relative);
-# feature gradients are summed by atomics in the features' dtype, rounding at every add, and on the
-# 3x3 layer of the cases one pixel takes a few hundred adds of O(1) terms; projected score maps are
-# stored in the features' dtype. float32 differs only in summation order.
+# feature gradients are summed in float32 and rounded once, but projected score maps and their
+# gradients are stored in the features' dtype and go through a matrix product over up to C_l terms
+# of O(1) there. float32 differs only in summation order.
 LOW_PRECISION = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (2e-2, 1e-1),

@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "hypercolumn_math.h"
@@ -193,27 +195,137 @@ __device__ __forceinline__ void gather_wide(const MapView<const scalar_t*>& map,
   }
 }
 
-// value += delta: an atomic add where blocks share the destination, a plain one where the calling
-// thread alone owns it (the deterministic path), so the order of the sums is fixed.
-template <bool kOwned, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void add_to(scalar_t* destination, acc_t delta) {
-  if (kOwned) {
-    *destination = static_cast<scalar_t>(static_cast<acc_t>(*destination) + delta);
-  } else {
-    gpuAtomicAdd(destination, static_cast<scalar_t>(delta));
+// Spreads gradient g of channel c's sample back onto its four taps, with atomics.
+template <typename acc_t>
+__device__ __forceinline__ void scatter(const MapView<acc_t*>& grad, const PointTaps<acc_t>& t, int64_t c, acc_t g) {
+  acc_t* base = grad.data + t.b * grad.stride_b + c * grad.stride_c;
+  const BilinearTaps<acc_t>& q = t.taps;
+  if (q.w00 != acc_t(0)) gpuAtomicAdd(base + q.y0 * grad.stride_y + q.x0 * grad.stride_x, q.w00 * g);
+  if (q.w01 != acc_t(0)) gpuAtomicAdd(base + q.y0 * grad.stride_y + q.x1 * grad.stride_x, q.w01 * g);
+  if (q.w10 != acc_t(0)) gpuAtomicAdd(base + q.y1 * grad.stride_y + q.x0 * grad.stride_x, q.w10 * g);
+  if (q.w11 != acc_t(0)) gpuAtomicAdd(base + q.y1 * grad.stride_y + q.x1 * grad.stride_x, q.w11 * g);
+}
+
+// ----------------------------------------------------------------------------- backward scatter
+//
+// A backward pass adds each point's per-channel gradient, times a tap's bilinear weight, into its
+// four taps of an accumulation-type buffer. `Grads` says what that gradient is (SampleGrads
+// below; CellFeatureGrads in fused_kernels.cu): `stage` reads once per point what every channel
+// thread needs (kept in shared memory), `at` gives channel c's gradient.
+//
+// By default scatter_taps_kernel adds with atomics. Under torch.use_deterministic_algorithms(True)
+// the taps of all points become entries (key = the pixel, b * H * W + y * W + x), sorted stably by
+// key and cut into one segment per pixel; scatter_segments_kernel gives each (pixel, channel) to
+// one thread, which sums the pixel's entries in entry order and writes once: no atomics, the same
+// bits on every run.
+
+// The output gradient of sparse_hypercolumn / box_hypercolumn at a point's channel.
+template <typename scalar_t, typename acc_t>
+struct SampleGrads {
+  const scalar_t* grad_out;
+  OutputStrides strides;
+  int64_t column_offset;  // the layer's first channel in the output
+
+  struct Staged {
+    int64_t base;
+  };
+  __device__ __forceinline__ Staged stage(const Point<acc_t>& pt, int64_t) const {
+    return {output_offset(strides, pt) + column_offset * strides.column};
+  }
+  __device__ __forceinline__ acc_t at(const Staged& s, int64_t c) const {
+    return static_cast<acc_t>(grad_out[s.base + c * strides.column]);
+  }
+};
+
+// Block x: a tile of kTilePoints points; block y: a chunk of channels (thread = channel).
+template <typename acc_t, typename Grads>
+__global__ void __launch_bounds__(kChannelThreads)
+    scatter_taps_kernel(MapView<acc_t*> target, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
+                        acc_t scale_x, int64_t padding, Grads grads) {
+  __shared__ PointTaps<acc_t> taps[kTilePoints];
+  __shared__ typename Grads::Staged staged[kTilePoints];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTilePoints;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), num_points - first));
+  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+    const Point<acc_t> pt = point_at(src, first + t);
+    taps[t] = point_taps(pt, target, scale_y, scale_x, padding);
+    staged[t] = grads.stage(pt, first + t);
+  }
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= target.channels) return;
+  for (int t = 0; t < count; ++t) {
+    if (!taps[t].valid) continue;
+    const acc_t g = grads.at(staged[t], c);
+    if (g != acc_t(0)) scatter(target, taps[t], c, g);
   }
 }
 
-// Spreads gradient g of channel c's sample back onto its four taps.
-template <bool kOwned, typename acc_t, typename scalar_t>
-__device__ __forceinline__ void scatter(const MapView<scalar_t*>& grad, const PointTaps<acc_t>& t, int64_t c,
-                                        acc_t g) {
-  scalar_t* base = grad.data + t.b * grad.stride_b + c * grad.stride_c;
-  const BilinearTaps<acc_t>& q = t.taps;
-  if (q.w00 != acc_t(0)) add_to<kOwned>(base + q.y0 * grad.stride_y + q.x0 * grad.stride_x, q.w00 * g);
-  if (q.w01 != acc_t(0)) add_to<kOwned>(base + q.y0 * grad.stride_y + q.x1 * grad.stride_x, q.w01 * g);
-  if (q.w10 != acc_t(0)) add_to<kOwned>(base + q.y1 * grad.stride_y + q.x0 * grad.stride_x, q.w10 * g);
-  if (q.w11 != acc_t(0)) add_to<kOwned>(base + q.y1 * grad.stride_y + q.x1 * grad.stride_x, q.w11 * g);
+// Entry 4 * p + t is tap t (00, 01, 10, 11) of point p on a (height, width) map: its key
+// b * height * width + y * width + x, or src.batch * height * width (the sentinel, sorted last)
+// where it takes no gradient (invalid point, zero weight); and its bilinear weight.
+template <typename acc_t>
+__global__ void tap_entries_kernel(PointSource<acc_t> src, int64_t num_points, int64_t height, int64_t width,
+                                   acc_t scale_y, acc_t scale_x, int64_t padding, int64_t* keys, acc_t* weights) {
+  const int64_t sentinel = src.batch * height * width;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_points;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Point<acc_t> pt = point_at(src, p);
+    const BilinearTaps<acc_t> q = bilinear_taps<acc_t>(pt.x, pt.y, scale_y, scale_x, height, width, padding);
+    const int64_t image = pt.b * height * width;
+    const int64_t key[4] = {image + q.y0 * width + q.x0, image + q.y0 * width + q.x1, image + q.y1 * width + q.x0,
+                            image + q.y1 * width + q.x1};
+    const acc_t weight[4] = {q.w00, q.w01, q.w10, q.w11};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      keys[4 * p + t] = (pt.valid && weight[t] != acc_t(0)) ? key[t] : sentinel;
+      weights[4 * p + t] = weight[t];
+    }
+  }
+}
+
+// Sorted tap entries cut into segments of one key: segment s holds entries
+// order[starts[s] .. starts[s] + counts[s]) of key keys[s].
+struct SegmentView {
+  const int64_t* keys;
+  const int64_t* starts;
+  const int64_t* counts;
+  const int64_t* order;
+  int64_t sentinel;
+};
+
+// Block x: one segment (a pixel); block y: a chunk of channels (thread = channel), which the thread
+// alone writes for that pixel.
+template <typename acc_t, typename Grads>
+__global__ void __launch_bounds__(kChannelThreads)
+    scatter_segments_kernel(MapView<acc_t*> target, SegmentView segments, const acc_t* entry_weights,
+                            PointSource<acc_t> src, Grads grads) {
+  __shared__ acc_t weight[kTilePoints];
+  __shared__ typename Grads::Staged staged[kTilePoints];
+  const int64_t key = segments.keys[blockIdx.x];
+  if (key >= segments.sentinel) return;  // the whole block: entries that take no gradient
+  const int64_t start = segments.starts[blockIdx.x], count = segments.counts[blockIdx.x];
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  acc_t sum = 0;
+  for (int64_t done = 0; done < count; done += kTilePoints) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTilePoints), count - done));
+    __syncthreads();  // the previous tile's readers are done with the shared entries
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      const int64_t entry = segments.order[start + done + t];
+      const int64_t p = entry / 4;
+      weight[t] = entry_weights[entry];
+      staged[t] = grads.stage(point_at(src, p), p);
+    }
+    __syncthreads();
+    if (c < target.channels) {
+      for (int t = 0; t < n; ++t) sum += weight[t] * grads.at(staged[t], c);
+    }
+  }
+  if (c >= target.channels) return;
+  const int64_t pixels = target.height * target.width;
+  const int64_t b = key / pixels, pixel = key - b * pixels;
+  const int64_t y = pixel / target.width, x = pixel - y * target.width;
+  target.data[b * target.stride_b + c * target.stride_c + y * target.stride_y + x * target.stride_x] = sum;
 }
 
 // ----------------------------------------------------------------------------- host helpers
@@ -292,6 +404,85 @@ inline at::Tensor coordinate_rows(const at::Tensor& rows, int64_t columns, const
 // A kernel's launch configuration exceeds no CUDA limit: gridDim.y and .z are at most 65535.
 inline void check_grid_y(int64_t blocks, const char* what) {
   TORCH_CHECK(blocks <= 65535, what, ": too many channel or output blocks (", blocks, ") for one launch");
+}
+
+
+// ----------------------------------------------------------------------------- backward, host side
+
+// A zero-filled accumulation-type (float32, or float64 for float64 features) gradient buffer for
+// `feature`, channels_last so that the channel threads of a warp add to consecutive addresses.
+inline at::Tensor accumulation_buffer(const at::Tensor& feature) {
+  return at::empty(feature.sizes(), feature.options().dtype(coordinate_type(feature.scalar_type())),
+                   at::MemoryFormat::ChannelsLast)
+      .zero_();
+}
+
+// The gradient of `feature` from its accumulation buffer, with at::empty_like(feature)'s dtype and
+// strides (what the fake kernels promise); the buffer itself where it already is that.
+inline at::Tensor feature_grad(const at::Tensor& feature, const at::Tensor& buffer) {
+  if (buffer.scalar_type() == feature.scalar_type() && feature.is_non_overlapping_and_dense() &&
+      buffer.strides() == feature.strides()) {
+    return buffer;
+  }
+  return at::empty_like(feature).copy_(buffer);
+}
+
+// The tap entries of one layer, sorted by key (stable: equal keys keep entry order, so each sum
+// runs in one fixed order) and cut into segments of one key.
+struct TapSegments {
+  at::Tensor weights, keys, starts, counts, order;
+  int64_t sentinel = 0;
+
+  SegmentView view() const {
+    return {keys.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+            order.data_ptr<int64_t>(), sentinel};
+  }
+};
+
+template <typename acc_t>
+TapSegments tap_segments(const PointSource<acc_t>& src, int64_t num_points, const at::Tensor& map, acc_t scale_y,
+                         acc_t scale_x, int64_t padding) {
+  const int64_t height = map.size(2), width = map.size(3);
+  TapSegments s;
+  s.sentinel = src.batch * height * width;
+  const at::Tensor keys = at::empty({4 * num_points}, map.options().dtype(at::kLong));
+  s.weights = at::empty({4 * num_points}, map.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(num_points, 256), 65535));
+  tap_entries_kernel<acc_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      src, num_points, height, width, scale_y, scale_x, padding, keys.data_ptr<int64_t>(), s.weights.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor sorted;
+  std::tie(sorted, s.order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  std::tie(s.keys, std::ignore, s.counts) =
+      at::unique_consecutive(sorted, /*return_inverse=*/false, /*return_counts=*/true);
+  s.starts = at::cumsum(s.counts, 0) - s.counts;
+  TORCH_CHECK(s.keys.size(0) <= std::numeric_limits<int32_t>::max(), "too many gradient pixels for one launch");
+  return s;
+}
+
+// Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W), an
+// accumulation_buffer: with atomics, or deterministically in segments when `deterministic`.
+template <typename acc_t, typename Grads>
+void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
+                     acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
+  const int64_t channels = buffer.size(1);
+  if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int threads = channel_threads(channels);
+  const int64_t chunks = ceil_div(channels, threads);
+  check_grid_y(chunks, "features");
+  const MapView<acc_t*> target = map_view<acc_t>(buffer);
+  if (!deterministic) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+    scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(target, src, num_points, scale_y, scale_x,
+                                                                     padding, grads);
+  } else {
+    const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
+    const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
+    scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(
+        target, segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -10,14 +10,19 @@
 // then adds the bias, applies the activation per cell, blends with the location weights and writes
 // each output once. The hypercolumns themselves are never stored.
 //
-// Backward recomputes the scores the same way and stores each point's score gradients (P, 4, M),
-// then per layer: order 0 scatters W^T (score gradient) onto the feature taps and adds
-// (score gradient) x (resampled features) into the weight gradient, with atomics, or under
-// torch.use_deterministic_algorithms(True) with one thread owning each (image, channel) and
-// walking all points in order; order 1 scatters the score gradients onto a score-map gradient and
-// lets cuBLAS form the feature and weight gradients. Deterministic mode evaluates every layer in
-// order 0 (cuBLAS is not bitwise reproducible without a workspace setting) and never raises.
+// Backward recomputes the scores the same way where the sigmoid needs them, and stores each
+// point's score gradients (P, 4, M) and cell keys (P, 4); then per layer
+//   order 0: scatters W^T (score gradient) onto the feature taps (scatter_to_taps, common.cuh), and
+//            sums (score gradient) x (resampled features) into per-chunk weight-gradient partials
+//            that the host adds up in order;
+//   order 1: scatters the score gradients onto a score-map gradient and lets cuBLAS form the
+//            feature and weight gradients.
+// The scatters use atomics by default; under torch.use_deterministic_algorithms(True) they sum
+// sorted per-pixel segments instead, in a fixed order, and order 1 stays where cuBLAS is
+// reproducible (CUBLAS_WORKSPACE_CONFIG). Deterministic mode never raises.
 #include <torch/library.h>
+
+#include <cstdlib>
 
 #include "common.cuh"
 
@@ -53,6 +58,7 @@ struct FusedParams {
   const scalar_t* grad_out;  // backward: gradient of the output
   OutputStrides grad_strides;
   acc_t* slot_grads;         // backward: (P, 4, M) score gradients per location slot
+  int64_t* slot_keys;        // backward: (P, 4) label * KK + cell of each slot, -1 where it takes none
   const acc_t* partial_in;   // (P, 4, M) raw scores of earlier layers, or null
   acc_t* partial_out;        // (P, 4, M) raw scores for later layers, or null (then finish)
 };
@@ -178,9 +184,12 @@ __global__ void __launch_bounds__(kFusedThreads)
                                : acc_t(0);
 #pragma unroll
       for (int j = 0; j < kSlots; ++j) {
-        const acc_t alpha = slots[p].alpha[j];
+        const bool used = pt.valid && slots[p].alpha[j] != acc_t(0);
         prm.slot_grads[((first + p) * kSlots + j) * outputs + output] =
-            (pt.valid && alpha != acc_t(0)) ? g * alpha * slope[j] : acc_t(0);
+            used ? g * slots[p].alpha[j] * slope[j] : acc_t(0);
+        if (m == 0 && blockIdx.y == 0) {
+          prm.slot_keys[(first + p) * kSlots + j] = used ? pt.label * prm.cells + slots[p].cell[j] : -1;
+        }
       }
     }
   }
@@ -189,8 +198,8 @@ __global__ void __launch_bounds__(kFusedThreads)
 // grad_bias[row, k, m]: one thread sums, in a fixed order, the score gradients of the row's points
 // (one point, or the oh * ow grid of a box) whose slots fall on cell k.
 template <typename scalar_t, typename acc_t>
-__global__ void bias_grad_kernel(PointSource<acc_t> src, int64_t rows, int64_t points_per_row, int64_t grid_k,
-                                 int64_t cells, int64_t outputs, const acc_t* slot_grads, scalar_t* grad_bias) {
+__global__ void bias_grad_kernel(int64_t rows, int64_t points_per_row, int64_t cells, int64_t outputs,
+                                 const acc_t* slot_grads, const int64_t* slot_keys, scalar_t* grad_bias) {
   const int64_t total = rows * cells * outputs;
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -198,90 +207,150 @@ __global__ void bias_grad_kernel(PointSource<acc_t> src, int64_t rows, int64_t p
     const int64_t cell = (index / outputs) % cells;
     const int64_t output = index % outputs;
     acc_t sum = 0;
-    for (int64_t s = 0; s < points_per_row; ++s) {
-      const int64_t p = row * points_per_row + s;
-      const Point<acc_t> pt = point_at(src, p);
-      const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
-#pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        if (w.cell[j] == cell) sum += slot_grads[(p * kSlots + j) * outputs + output];
-      }
+    for (int64_t s = row * points_per_row * kSlots; s < (row + 1) * points_per_row * kSlots; ++s) {
+      const int64_t key = slot_keys[s];
+      if (key >= 0 && key % cells == cell) sum += slot_grads[s * outputs + output];
     }
     grad_bias[index] = static_cast<scalar_t>(sum);
   }
 }
 
-// Order 1 backward: score gradients onto the score-map gradient (B, H*W, NC*KK*M), atomics (this
-// order never runs in deterministic mode).
+// Order 1 backward: thread (point, output m) adds its slots' score gradients onto the score-map
+// gradient (B, H*W, NC*KK*M), channel (cell key) * M + m, with atomics.
 template <typename acc_t>
-__global__ void score_grad_scatter_kernel(PointSource<acc_t> src, int64_t num_points, int64_t grid_k, int64_t cells,
-                                          int64_t outputs, MapView<acc_t*> score_grad, acc_t scale_y, acc_t scale_x,
-                                          int64_t padding, const acc_t* slot_grads) {
+__global__ void score_grad_scatter_kernel(PointSource<acc_t> src, int64_t num_points, int64_t outputs,
+                                          MapView<acc_t*> score_grad, acc_t scale_y, acc_t scale_x, int64_t padding,
+                                          const acc_t* slot_grads, const int64_t* slot_keys) {
   const int64_t total = num_points * outputs;
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = index / outputs, output = index % outputs;
     const Point<acc_t> pt = point_at(src, p);
     if (!pt.valid) continue;
-    const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
     const PointTaps<acc_t> t = point_taps(pt, score_grad, scale_y, scale_x, padding);
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
+      const int64_t key = slot_keys[p * kSlots + j];
       const acc_t g = slot_grads[(p * kSlots + j) * outputs + output];
-      if (g == acc_t(0)) continue;
-      scatter<false>(score_grad, t, (pt.label * cells + w.cell[j]) * outputs + output, g);
+      if (key < 0 || g == acc_t(0)) continue;
+      scatter(score_grad, t, key * outputs + output, g);
     }
   }
 }
 
-// Order 0 backward of one layer. Thread = channel c. kOwned = false: block x is a tile of points,
-// atomics into grad_features and the weight gradient (NC*KK*M, C). kOwned = true: block x is image
-// b, walking every point in order; it alone writes image b's channels and row b of the weight
-// gradient partials (B, NC*KK*M, C), which the host sums over b.
-template <typename scalar_t, typename acc_t, bool kOwned>
+// Order 1 backward, deterministic: block = one segment (a pixel) of the layer's sorted tap entries,
+// thread = output m. In entry order, each entry adds weight x (slot j's score gradient of output m)
+// to channel (slot j's cell key) * M + m of the pixel's score-gradient row: channels that thread m
+// of this block alone writes.
+template <typename acc_t>
+__global__ void score_grad_segments_kernel(MapView<acc_t*> score_grad, SegmentView segments,
+                                           const acc_t* entry_weights, int64_t outputs, const acc_t* slot_grads,
+                                           const int64_t* slot_keys) {
+  __shared__ acc_t weight[kTilePoints];
+  __shared__ int64_t point[kTilePoints];
+  const int64_t key = segments.keys[blockIdx.x];
+  if (key >= segments.sentinel) return;  // the whole block: entries that take no gradient
+  const int64_t start = segments.starts[blockIdx.x], count = segments.counts[blockIdx.x];
+  const int64_t pixels = score_grad.height * score_grad.width;
+  const int64_t b = key / pixels, pixel = key - b * pixels;
+  const int64_t y = pixel / score_grad.width, x = pixel - y * score_grad.width;
+  acc_t* row = score_grad.data + b * score_grad.stride_b + y * score_grad.stride_y + x * score_grad.stride_x;
+  for (int64_t done = 0; done < count; done += kTilePoints) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTilePoints), count - done));
+    __syncthreads();  // the previous tile's readers are done with the shared entries
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      const int64_t entry = segments.order[start + done + t];
+      point[t] = entry / 4;
+      weight[t] = entry_weights[entry];
+    }
+    __syncthreads();
+    for (int64_t m = threadIdx.x; m < outputs; m += blockDim.x) {
+      for (int t = 0; t < n; ++t) {
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) {
+          const int64_t slot = point[t] * kSlots + j;
+          const int64_t cell_key = slot_keys[slot];
+          if (cell_key < 0) continue;
+          row[(cell_key * outputs + m) * score_grad.stride_c] += weight[t] * slot_grads[slot * outputs + m];
+        }
+      }
+    }
+  }
+}
+
+// Order 0 backward, the feature side: a point's channel-c gradient is sum over its slots j and
+// outputs m of (score gradient) x W[cell key, m, c], scattered onto its taps (scatter_to_taps).
+template <typename scalar_t, typename acc_t>
+struct CellFeatureGrads {
+  const acc_t* slot_grads;  // (P, 4, M)
+  const int64_t* slot_keys;  // (P, 4)
+  const scalar_t* weight;   // (NC * KK * M, C) contiguous
+  int64_t outputs, channels;
+
+  struct Staged {
+    int64_t point;
+    int64_t row[kSlots];  // weight row of output 0 of slot j, or -1
+  };
+  __device__ __forceinline__ Staged stage(const Point<acc_t>&, int64_t p) const {
+    Staged s;
+    s.point = p;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int64_t key = slot_keys[p * kSlots + j];
+      s.row[j] = key >= 0 ? key * outputs : -1;
+    }
+    return s;
+  }
+  __device__ __forceinline__ acc_t at(const Staged& s, int64_t c) const {
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (s.row[j] < 0) continue;
+      const acc_t* g = slot_grads + (s.point * kSlots + j) * outputs;
+      for (int64_t m = 0; m < outputs; ++m) {
+        if (g[m] != acc_t(0)) sum += g[m] * static_cast<acc_t>(weight[(s.row[j] + m) * channels + c]);
+      }
+    }
+    return sum;
+  }
+};
+
+// Order 0 backward, the weight side: block x sums the points of its chunk (in order) into its own
+// (NC * KK * M, C) partial, thread = channel c, no atomics; at::sum then adds the partials.
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kChannelThreads)
-    fused_feature_grad_kernel(MapView<const scalar_t*> map, MapView<scalar_t*> grad, const scalar_t* weight,
-                              acc_t* grad_weight, PointSource<acc_t> src, int64_t num_points, int64_t grid_k,
-                              int64_t cells, int64_t outputs, acc_t scale_y, acc_t scale_x, int64_t padding,
-                              const acc_t* slot_grads) {
+    weight_grad_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points, int64_t chunk_points,
+                       acc_t scale_y, acc_t scale_x, int64_t padding, int64_t outputs, int64_t score_rows,
+                       const acc_t* slot_grads, const int64_t* slot_keys, acc_t* partials) {
   __shared__ PointTaps<acc_t> taps[kTilePoints];
-  __shared__ int64_t weight_row[kTilePoints][kSlots];  // (label * KK + cell) * M: row of output 0
+  __shared__ int64_t weight_row[kTilePoints][kSlots];  // (cell key) * M of slot j, or -1
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t channels = map.channels;
-  const int64_t begin = kOwned ? 0 : static_cast<int64_t>(blockIdx.x) * kTilePoints;
-  const int64_t end = kOwned ? num_points : min(num_points, begin + kTilePoints);
-  acc_t* weight_grad = grad_weight + (kOwned ? static_cast<int64_t>(blockIdx.x) * src.classes * cells * outputs *
-                                                   channels
-                                             : 0);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_points;
+  const int64_t end = min(num_points, begin + chunk_points);
+  acc_t* partial = partials + static_cast<int64_t>(blockIdx.x) * score_rows * channels;
   for (int64_t first = begin; first < end; first += kTilePoints) {
     const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), end - first));
     __syncthreads();  // the previous tile's readers are done with the shared taps
     for (int t = threadIdx.x; t < count; t += blockDim.x) {
-      const Point<acc_t> pt = point_at(src, first + t);
-      taps[t] = point_taps(pt, map, scale_y, scale_x, padding);
-      if (kOwned && pt.b != static_cast<int64_t>(blockIdx.x)) taps[t].valid = false;
-      const LocationWeights<acc_t> w = location_weights<acc_t>(pt.u, pt.v, grid_k);
+      taps[t] = point_taps(point_at(src, first + t), map, scale_y, scale_x, padding);
 #pragma unroll
-      for (int j = 0; j < kSlots; ++j) weight_row[t][j] = (pt.label * cells + w.cell[j]) * outputs;
+      for (int j = 0; j < kSlots; ++j) {
+        const int64_t key = slot_keys[(first + t) * kSlots + j];
+        weight_row[t][j] = key >= 0 ? key * outputs : -1;
+      }
     }
     __syncthreads();
     if (c >= channels) continue;
     for (int t = 0; t < count; ++t) {
       if (!taps[t].valid) continue;
-      const acc_t* g = slot_grads + (first + t) * kSlots * outputs;
-      acc_t column_grad = 0;
-      for (int j = 0; j < kSlots; ++j) {
-        for (int64_t m = 0; m < outputs; ++m) {
-          const acc_t gs = g[j * outputs + m];
-          if (gs != acc_t(0)) column_grad += gs * static_cast<acc_t>(weight[(weight_row[t][j] + m) * channels + c]);
-        }
-      }
-      if (column_grad != acc_t(0)) scatter<kOwned>(grad, taps[t], c, column_grad);
       const acc_t value = gather(map, taps[t], c);
+      const acc_t* g = slot_grads + (first + t) * kSlots * outputs;
       for (int j = 0; j < kSlots; ++j) {
+        if (weight_row[t][j] < 0) continue;
         for (int64_t m = 0; m < outputs; ++m) {
           const acc_t gs = g[j * outputs + m];
-          if (gs != acc_t(0)) add_to<kOwned>(weight_grad + (weight_row[t][j] + m) * channels + c, gs * value);
+          if (gs != acc_t(0)) partial[(weight_row[t][j] + m) * channels + c] += gs * value;
         }
       }
     }
@@ -317,10 +386,19 @@ at::Tensor pixel_matrix(const at::Tensor& t) {
                       t.storage_offset());
 }
 
-// Order 1 needs a dense map that cuBLAS can read as a matrix in place, and is skipped in
-// deterministic mode; both orders are exact, so falling back to order 0 changes no result.
+// Whether cuBLAS gives the same bits on every run: with CUDA >= 10.2 only under a fixed workspace
+// configuration (the package sets CUBLAS_WORKSPACE_CONFIG=:4096:8 when it is imported and the
+// variable is unset; PyTorch's own matrix products need the same).
+bool cublas_reproducible() {
+  const char* config = std::getenv("CUBLAS_WORKSPACE_CONFIG");
+  return config != nullptr && (std::string(config) == ":4096:8" || std::string(config) == ":16:8");
+}
+
+// Order 1 needs a dense map that cuBLAS can read as a matrix in place, and, in deterministic mode,
+// a reproducible cuBLAS; both orders are exact, so falling back to order 0 changes no result.
 int64_t effective_order(int64_t requested, const at::Tensor& feature) {
-  if (requested != kOrderProjectScores || at::globalContext().deterministicAlgorithms()) return kOrderSampleFeatures;
+  if (requested != kOrderProjectScores) return kOrderSampleFeatures;
+  if (at::globalContext().deterministicAlgorithms() && !cublas_reproducible()) return kOrderSampleFeatures;
   if (feature.size(0) == 0 || !feature.is_non_overlapping_and_dense() || !pixel_matrix(feature).defined()) {
     return kOrderSampleFeatures;
   }
@@ -419,6 +497,7 @@ at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight) {
   return at::bmm(pixels, transposed.unsqueeze(0).expand({feature.size(0), -1, -1}));
 }
 
+// One entry per layer: the score map of an order-1 layer, undefined for order 0.
 std::vector<at::Tensor> score_maps(at::TensorList features, const FusedArgs& a) {
   std::vector<at::Tensor> maps(features.size());
   for (size_t l = 0; l < features.size(); ++l) {
@@ -435,21 +514,22 @@ MapView<ptr_t> score_map_view(ptr_t data, const at::Tensor& feature, int64_t cha
 }
 
 // Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time; prm.out / prm.slot_grads
-// receive the result of the last launch.
+// receive the result of the last launch. The backward of a linear blend needs no scores: there
+// `maps` is empty and one launch over no layers writes the slot gradients.
 template <typename scalar_t, typename acc_t, bool kBackward>
 void launch_fused_scores(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
                          at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                          FusedParams<scalar_t, acc_t> prm) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto src = fused_source<acc_t>(a, features[0].size(0));
-  const int64_t layers = static_cast<int64_t>(features.size());
+  const int64_t layers = static_cast<int64_t>(maps.size());
   const int64_t output_blocks = ceil_div(a.outputs, kFusedOutputs);
   check_grid_y(output_blocks, "weights (M outputs)");
   const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, kFusedPoints)), static_cast<unsigned>(output_blocks));
   at::Tensor partial_in, partial_out;
-  for (int64_t start = 0; start < layers; start += kMaxFusedLayers) {
+  for (int64_t start = 0; start == 0 || start < layers; start += kMaxFusedLayers) {
     const int64_t stop = std::min(layers, start + kMaxFusedLayers);
-    FusedLayers<scalar_t, acc_t> pack;
+    FusedLayers<scalar_t, acc_t> pack{};
     pack.count = static_cast<int>(stop - start);
     for (int64_t l = start; l < stop; ++l) {
       const int64_t i = l - start;
@@ -506,6 +586,14 @@ void fused_forward(at::TensorList features, const FusedArgs& a, at::ArrayRef<dou
   });
 }
 
+// Points per block of weight_grad_kernel: chunks of about 256 points, each with its own partial
+// (NC * KK * M, C), at most 2^24 partial elements in all. Fixed by the shapes, so the order of
+// every sum is too.
+int64_t weight_grad_chunk_points(int64_t num_points, int64_t partial_size) {
+  const int64_t max_chunks = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, partial_size));
+  return ceil_div(num_points, std::min(ceil_div(num_points, 256), max_chunks));
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_backward(
     const at::Tensor& grad_out, at::TensorList features, at::TensorList weights, const FusedArgs& a,
     at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding, int64_t activation) {
@@ -521,26 +609,31 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     }
     return {grad_features, grad_weights, grad_bias};
   }
-  const bool owned = at::globalContext().deterministicAlgorithms();
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const std::vector<at::Tensor> maps = score_maps(features, a);
+  // The sigmoid's slope needs the scores; a linear blend's gradient does not.
+  const std::vector<at::Tensor> maps =
+      activation == kActivationSigmoid ? score_maps(features, a) : std::vector<at::Tensor>();
   const at::Tensor slot_grads = at::empty({a.num_points, kSlots, a.outputs}, first.options().dtype(acc_type));
-  const int64_t score_channels = a.classes * a.cells * a.outputs;
+  const at::Tensor slot_keys = at::empty({a.num_points, kSlots}, first.options().dtype(at::kLong));
+  const int64_t score_rows = a.classes * a.cells * a.outputs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fused_backward", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     auto prm = fused_params<scalar_t, acc_t>(a, padding, activation);
     prm.grad_out = grad_out.data_ptr<scalar_t>();
     prm.grad_strides = output_strides(grad_out);
     prm.slot_grads = slot_grads.data_ptr<acc_t>();
+    prm.slot_keys = slot_keys.data_ptr<int64_t>();
     launch_fused_scores<scalar_t, acc_t, true>(features, a, maps, scale_y, scale_x, prm);
+    const acc_t* g = slot_grads.data_ptr<acc_t>();
+    const int64_t* keys = slot_keys.data_ptr<int64_t>();
 
     const auto src = fused_source<acc_t>(a, batch);
     const int64_t points_per_row = a.grid_h == 0 ? 1 : a.grid_h * a.grid_w;
     const int64_t bias_total = a.num_rows * a.cells * a.outputs;
     const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_total, 256), 65535));
-    bias_grad_kernel<scalar_t, acc_t><<<bias_blocks, 256, 0, stream>>>(
-        src, a.num_rows, points_per_row, a.grid_k, a.cells, a.outputs, slot_grads.data_ptr<acc_t>(),
-        grad_bias.data_ptr<scalar_t>());
+    bias_grad_kernel<scalar_t, acc_t><<<bias_blocks, 256, 0, stream>>>(a.num_rows, points_per_row, a.cells, a.outputs,
+                                                                         g, keys, grad_bias.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     for (size_t l = 0; l < features.size(); ++l) {
@@ -548,16 +641,23 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
       const int64_t channels = f.size(1);
       const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
       if (a.orders[l] == kOrderProjectScores) {
-        at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_channels}, f.options().dtype(acc_type));
-        const int64_t total = a.num_points * a.outputs;
-        const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
-        score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(
-            src, a.num_points, a.grid_k, a.cells, a.outputs,
-            score_map_view<acc_t*>(score_grad.data_ptr<acc_t>(), f, score_channels), sy, sx, padding,
-            slot_grads.data_ptr<acc_t>());
+        // Score-map gradient (B, H*W, NC*KK*M), then the 1x1 convolution's two products by cuBLAS.
+        at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_rows}, f.options().dtype(acc_type));
+        const auto target = score_map_view<acc_t*>(score_grad.data_ptr<acc_t>(), f, score_rows);
+        if (deterministic) {
+          const TapSegments segments = tap_segments<acc_t>(src, a.num_points, f, sy, sx, padding);
+          const int threads = channel_threads(a.outputs);
+          score_grad_segments_kernel<acc_t><<<static_cast<unsigned>(segments.keys.size(0)), threads, 0, stream>>>(
+              target, segments.view(), segments.weights.data_ptr<acc_t>(), a.outputs, g, keys);
+        } else {
+          const int64_t total = a.num_points * a.outputs;
+          const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
+          score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(src, a.num_points, a.outputs, target, sy, sx,
+                                                                       padding, g, keys);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
-        const at::Tensor weight_matrix = a.weights[l].reshape({score_channels, channels});
+        const at::Tensor weight_matrix = a.weights[l].reshape({score_rows, channels});
         // Dense (effective_order), so empty_like keeps the map's strides and its pixel matrix exists.
         grad_features[l] = at::empty_like(f);
         at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
@@ -565,31 +665,27 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         const at::Tensor per_image = at::bmm(score_grad_typed.transpose(1, 2), pixel_matrix(f));
         grad_weights[l] = at::empty_like(weights[l]).copy_(
             at::sum(per_image, at::IntArrayRef{0}, false, acc_type).view(weights[l].sizes()));
-      } else {
-        grad_features[l] = at::zeros_like(f);
-        at::Tensor weight_grad = at::zeros({owned ? batch : 1, score_channels, channels}, f.options().dtype(acc_type));
-        if (channels > 0) {
-          const int threads = channel_threads(channels);
-          const int64_t chunks = ceil_div(channels, threads);
-          check_grid_y(chunks, "features");
-          const auto map = const_map_view<scalar_t>(f);
-          const auto grad_map = map_view<scalar_t>(grad_features[l]);
-          const scalar_t* weight = a.weights[l].data_ptr<scalar_t>();
-          if (owned) {
-            const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
-            fused_feature_grad_kernel<scalar_t, acc_t, true><<<grid, threads, 0, stream>>>(
-                map, grad_map, weight, weight_grad.data_ptr<acc_t>(), src, a.num_points, a.grid_k, a.cells, a.outputs,
-                sy, sx, padding, slot_grads.data_ptr<acc_t>());
-          } else {
-            const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, kTilePoints)), static_cast<unsigned>(chunks));
-            fused_feature_grad_kernel<scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(
-                map, grad_map, weight, weight_grad.data_ptr<acc_t>(), src, a.num_points, a.grid_k, a.cells, a.outputs,
-                sy, sx, padding, slot_grads.data_ptr<acc_t>());
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        grad_weights[l] = at::empty_like(weights[l]).copy_(at::sum(weight_grad, at::IntArrayRef{0}).view(weights[l].sizes()));
+        continue;
       }
+      const at::Tensor buffer = accumulation_buffer(f);
+      const CellFeatureGrads<scalar_t, acc_t> cell_grads{g, keys, a.weights[l].data_ptr<scalar_t>(), a.outputs,
+                                                         channels};
+      scatter_to_taps<acc_t>(buffer, src, a.num_points, sy, sx, padding, cell_grads, deterministic);
+      grad_features[l] = feature_grad(f, buffer);
+      const int64_t chunk_points = weight_grad_chunk_points(a.num_points, score_rows * channels);
+      const int64_t chunks = ceil_div(a.num_points, chunk_points);
+      at::Tensor partials = at::zeros({chunks, score_rows, channels}, f.options().dtype(acc_type));
+      if (channels > 0) {
+        const int threads = channel_threads(channels);
+        const int64_t channel_chunks = ceil_div(channels, threads);
+        check_grid_y(channel_chunks, "features");
+        const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(channel_chunks));
+        weight_grad_kernel<scalar_t, acc_t><<<grid, threads, 0, stream>>>(
+            const_map_view<scalar_t>(f), src, a.num_points, chunk_points, sy, sx, padding, a.outputs, score_rows, g,
+            keys, partials.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      grad_weights[l] = at::empty_like(weights[l]).copy_(at::sum(partials, at::IntArrayRef{0}).view(weights[l].sizes()));
     }
   });
   return {grad_features, grad_weights, grad_bias};

@@ -5,9 +5,9 @@
 // channels_last features a warp reads consecutive channels of one pixel, in 16-byte loads where the
 // strides allow; any other strides are read in place, never copied.
 //
-// Backward scatters each sample's gradient onto its taps with atomics; under
-// torch.use_deterministic_algorithms(True) a block instead owns (image, channel chunk) of the
-// gradient and walks every point in order, so each element is summed by one thread in a fixed order.
+// Backward scatters each sample's gradient onto its taps (scatter_to_taps in common.cuh: atomics,
+// or sorted per-pixel segments under torch.use_deterministic_algorithms(True)) into float32 (float64)
+// buffers, converted to the features' dtype at the end.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -44,38 +44,6 @@ __global__ void __launch_bounds__(kChannelThreads)
     scalar_t* destination = out + out_base[t] + (column_offset + c) * out_strides.column;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) destination[v * out_strides.column] = static_cast<scalar_t>(value[v]);
-  }
-}
-
-// kOwned = false: block x is a tile of points, atomics. kOwned = true: block x is image b; it walks
-// all points and alone writes image b's channels of this chunk.
-template <typename scalar_t, typename acc_t, bool kOwned>
-__global__ void __launch_bounds__(kChannelThreads)
-    sample_backward_kernel(MapView<scalar_t*> grad, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
-                           acc_t scale_x, int64_t padding, const scalar_t* grad_out, OutputStrides grad_strides,
-                           int64_t column_offset) {
-  __shared__ PointTaps<acc_t> taps[kTilePoints];
-  __shared__ int64_t grad_base[kTilePoints];
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t begin = kOwned ? 0 : static_cast<int64_t>(blockIdx.x) * kTilePoints;
-  const int64_t end = kOwned ? num_points : min(num_points, begin + kTilePoints);
-  for (int64_t first = begin; first < end; first += kTilePoints) {
-    const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), end - first));
-    __syncthreads();  // the previous tile's readers are done with the shared taps
-    for (int t = threadIdx.x; t < count; t += blockDim.x) {
-      const Point<acc_t> pt = point_at(src, first + t);
-      taps[t] = point_taps(pt, grad, scale_y, scale_x, padding);
-      if (kOwned && pt.b != static_cast<int64_t>(blockIdx.x)) taps[t].valid = false;
-      grad_base[t] = output_offset(grad_strides, pt);
-    }
-    __syncthreads();
-    if (c < grad.channels) {
-      for (int t = 0; t < count; ++t) {
-        if (!taps[t].valid) continue;
-        const acc_t g = static_cast<acc_t>(grad_out[grad_base[t] + (column_offset + c) * grad_strides.column]);
-        scatter<kOwned>(grad, taps[t], c, g);
-      }
-    }
   }
 }
 
@@ -134,38 +102,21 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad_out, at::TensorLi
                                         int64_t grid_h, int64_t grid_w, int64_t num_points,
                                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                                         int64_t padding) {
-  std::vector<at::Tensor> grads;
-  for (const auto& f : features) grads.push_back(at::zeros_like(f));
-  const int64_t batch = features[0].size(0);
-  if (num_points == 0 || batch == 0) return grads;
-  const bool owned = at::globalContext().deterministicAlgorithms();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const OutputStrides strides = output_strides(grad_out);
+  std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "sample_backward", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const auto src = point_source<acc_t>(rows, grid_h, grid_w, batch);
+    const auto src = point_source<acc_t>(rows, grid_h, grid_w, features[0].size(0));
     int64_t column_offset = 0;
     for (size_t l = 0; l < features.size(); ++l) {
-      const int64_t channels = features[l].size(1);
-      if (channels > 0) {
-        const int threads = channel_threads(channels);
-        const int64_t chunks = ceil_div(channels, threads);
-        check_grid_y(chunks, "features");
-        const auto map = map_view<scalar_t>(grads[l]);
-        const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
-        const scalar_t* g = grad_out.data_ptr<scalar_t>();
-        if (owned) {
-          const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
-          sample_backward_kernel<scalar_t, acc_t, true><<<grid, threads, 0, stream>>>(
-              map, src, num_points, sy, sx, padding, g, strides, column_offset);
-        } else {
-          const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
-          sample_backward_kernel<scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(
-              map, src, num_points, sy, sx, padding, g, strides, column_offset);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      column_offset += channels;
+      const at::Tensor& f = features[l];
+      const at::Tensor buffer = accumulation_buffer(f);
+      const SampleGrads<scalar_t, acc_t> sample_grads{grad_out.data_ptr<scalar_t>(), strides, column_offset};
+      scatter_to_taps<acc_t>(buffer, src, num_points, static_cast<acc_t>(scale_y[l]), static_cast<acc_t>(scale_x[l]),
+                             padding, sample_grads, deterministic);
+      grads.push_back(feature_grad(f, buffer));
+      column_offset += f.size(1);
     }
   });
   return grads;
