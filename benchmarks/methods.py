@@ -21,6 +21,10 @@ from workloads import Inputs, Workload
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
+# forward+backward under torch.use_deterministic_algorithms(True): the package's operators only,
+# on CUDA (where it is another code path; the CPU kernels are deterministic in either mode).
+DETERMINISTIC = "forward+backward, deterministic"
+ALL_MODES = MODES + (DETERMINISTIC,)
 
 FUSED_PREFIX = "fused/"
 
@@ -88,15 +92,21 @@ def grad_output(workload: Workload, dtype: torch.dtype, device) -> Tensor:
 
 def run_once(function: Callable, inputs: Inputs, mode: str, gradient: Optional[Tensor]) -> Tensor:
     """One call: forward under ``torch.no_grad()``, or forward then backward of ``gradient`` into
-    the features, weights and bias (their ``.grad`` cleared first, so nothing accumulates)."""
+    the features, weights and bias (their ``.grad`` cleared first, so nothing accumulates), in
+    deterministic mode for ``DETERMINISTIC``."""
     args, kwargs = inputs.call_args()
     if mode == FORWARD:
         with torch.no_grad():
             return function(*args, **kwargs)
     for tensor in inputs.differentiable():
         tensor.grad = None
-    out = function(*args, **kwargs)
-    out.backward(gradient)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode == DETERMINISTIC or previous)
+    try:
+        out = function(*args, **kwargs)
+        out.backward(gradient)
+    finally:
+        torch.use_deterministic_algorithms(previous)
     return out.detach()
 
 

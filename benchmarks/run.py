@@ -25,7 +25,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import planning, reference  # noqa: E402
-from methods import (FORWARD, FORWARD_BACKWARD, FUSED_PREFIX, MODES, available_bytes, cuda_peak_bytes,  # noqa: E402
-                     estimated_bytes, fused_backends, grad_output, method_function, method_names, run_once,
-                     time_calls)
+from methods import (ALL_MODES, DETERMINISTIC, FORWARD, FORWARD_BACKWARD, FUSED_PREFIX, MODES,  # noqa: E402
+                     available_bytes, cuda_peak_bytes, estimated_bytes, fused_backends, grad_output,
+                     method_function, method_names, run_once, time_calls)
 from workloads import SAMPLING_OPS, WORKLOADS, Inputs, Workload, build  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -225,9 +225,17 @@ def layer_plans(workload: Workload, device: torch.device) -> List[Dict]:
 
 
 def selected_modes(workload: str, method: str, device: torch.device, full: bool) -> tuple:
-    if full or device.type == "cuda" or method.startswith(FUSED_PREFIX):
+    if method.startswith(FUSED_PREFIX):
+        return ALL_MODES if device.type == "cuda" else MODES
+    if full or device.type == "cuda":
         return MODES
     return QUICK_CPU_BASELINES.get(workload, {}).get(method, ())
+
+
+def _not_run_status(method: str, mode: str, device: torch.device) -> str:
+    if mode == DETERMINISTIC:
+        return "-" if device.type == "cuda" else "CUDA only"
+    return "not in the quick set"
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -276,7 +284,9 @@ def add_speedups(rows: List[Dict]) -> None:
                 case["best_fused_speedup"] = case["median_ms"] / best[row["workload"]]
 
 
-def run(args) -> Dict:
+def run(args, checkpoint: Optional[Callable[[Dict], None]] = None) -> Dict:
+    """Every selected case; ``checkpoint`` (if given) receives the report so far after each
+    workload, so that a run cut short still leaves its finished workloads behind."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
@@ -286,7 +296,11 @@ def run(args) -> Dict:
     repetitions = REPETITIONS["full" if args.full else "quick-cuda" if device.type == "cuda" else "quick"]
     plan = [(name, method) for name in names for method in method_names(WORKLOADS[name].op, backends)]
     rows, plans = [], {}
-    progress = tqdm(total=len(plan) * len(MODES), unit="case", file=sys.stderr)
+    settings = {"device": args.device, "dtype": args.dtype, "set": "full" if args.full else "quick",
+                "workloads": names, "backends": backends, "repetitions": repetitions, "error_sample": ERROR_SAMPLE,
+                "memory": "torch.cuda.max_memory_allocated over the call" if device.type == "cuda"
+                else "peak resident-set growth of a fresh process running only the call"}
+    progress = tqdm(total=len(plan) * len(ALL_MODES), unit="case", file=sys.stderr)
     for name in names:
         inputs = build(name, device, dtype, requires_grad=True)
         workload = inputs.workload
@@ -295,10 +309,10 @@ def run(args) -> Dict:
         plans[name] = layer_plans(workload, device)
         for method in method_names(workload.op, backends):
             row = {"workload": name, "op": workload.op, "method": method, "modes": {}}
-            for mode in MODES:
+            for mode in ALL_MODES:
                 progress.set_description(f"{name} {method} {mode}")
                 if mode not in selected_modes(name, method, device, args.full):
-                    row["modes"][mode] = {"status": "not in the quick set"}
+                    row["modes"][mode] = {"status": _not_run_status(method, mode, device)}
                 else:
                     row["modes"][mode] = run_case(inputs, method, mode, device, args.dtype, repetitions, gradient)
                 output = row["modes"][mode].pop("output", None)
@@ -307,15 +321,17 @@ def run(args) -> Dict:
                 progress.update()
             rows.append(row)
         del inputs
+        add_speedups(rows)
+        if checkpoint is not None:
+            checkpoint(_report(device, settings, list(plans), rows, plans))
     progress.close()
-    add_speedups(rows)
+    return _report(device, settings, names, rows, plans)
+
+
+def _report(device: torch.device, settings: Dict, names: List[str], rows: List[Dict], plans: Dict) -> Dict:
     return {
         "machine": machine_info(device),
-        "settings": {"device": args.device, "dtype": args.dtype, "set": "full" if args.full else "quick",
-                     "workloads": names, "backends": backends, "repetitions": repetitions,
-                     "error_sample": ERROR_SAMPLE,
-                     "memory": "torch.cuda.max_memory_allocated over the call" if device.type == "cuda"
-                     else "peak resident-set growth of a fresh process running only the call"},
+        "settings": dict(settings, workloads=names),
         "workloads": {name: {"op": WORKLOADS[name].op, "image": WORKLOADS[name].image,
                              "count": WORKLOADS[name].count, "K": WORKLOADS[name].grid,
                              "M": WORKLOADS[name].outputs, "output_size": WORKLOADS[name].output_size,
@@ -337,6 +353,16 @@ def _cell(case: Dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     return f"{value / scale:.{digits}f}"
 
 
+def _backward_ratio(forward: Dict, both: Dict, deterministic: Dict) -> str:
+    """Deterministic over default backward time, each taken as forward+backward minus forward."""
+    if not all(case.get("status") == "ok" for case in (forward, both, deterministic)):
+        return ""
+    default = both["median_ms"] - forward["median_ms"]
+    if default <= 0:
+        return "n/a"
+    return f"{(deterministic['median_ms'] - forward['median_ms']) / default:.2f}"
+
+
 def markdown(report: Dict) -> str:
     machine, settings = report["machine"], report["settings"]
     lines = [
@@ -352,20 +378,32 @@ def markdown(report: Dict) -> str:
         f"{settings['memory']}, MB. Error: ||out - ref|| / ||ref|| against the float64 reference on "
         f"{settings['error_sample']} sampled grid points (or points). Speed-up: the method's time over the "
         f"fastest fused backend's.",
-        "",
-        "| workload | method | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB | rel. error | fused speed-up fwd "
-        "| fused speed-up fwd+bwd |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    deterministic = settings["device"].startswith("cuda")
+    if deterministic:
+        lines.append("- Deterministic: forward+backward under torch.use_deterministic_algorithms(True) (the "
+                     "package's backends only); det./default bwd = (det. fwd+bwd - fwd) / (fwd+bwd - fwd).")
+    lines.append("")
+    header = ("| workload | method | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB | rel. error | fused speed-up fwd "
+              "| fused speed-up fwd+bwd |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    if deterministic:
+        header += " det. fwd+bwd ms | det./default bwd |"
+        rule += "---:|---:|"
+    lines += [header, rule]
     for row in report["results"]:
         forward, both = row["modes"][FORWARD], row["modes"][FORWARD_BACKWARD]
         error = row.get("relative_error")
-        lines.append(" | ".join([
+        cells = [
             f"| {row['workload']}", row["method"], _cell(forward, "median_ms"), _cell(both, "median_ms"),
             _cell(forward, "peak_bytes", MIB, 0), _cell(both, "peak_bytes", MIB, 0),
             "" if error is None else f"{error:.1e}",
             _cell(forward, "best_fused_speedup", digits=2) if "best_fused_speedup" in forward else "",
-            (_cell(both, "best_fused_speedup", digits=2) if "best_fused_speedup" in both else "") + " |"]))
+            _cell(both, "best_fused_speedup", digits=2) if "best_fused_speedup" in both else ""]
+        if deterministic:
+            det = row["modes"].get(DETERMINISTIC, {})
+            cells += [_cell(det, "median_ms"), _backward_ratio(forward, both, det)]
+        lines.append(" | ".join(cells) + " |")
     details = [f"- {row['workload']} {row['method']} {mode}: {case['detail']}"
                for row in report["results"] for mode, case in row["modes"].items() if "detail" in case]
     details += [f"- {row['workload']} {row['method']} {mode}: {case['memory_detail']}"
@@ -439,13 +477,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         workload_name, method, mode = args.measure_memory
         print(json.dumps(measure_memory_here(workload_name, method, mode, DTYPES[args.dtype])))
         return
-    report = run(args)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as file:
-        json.dump(report, file, indent=1)
-    text = markdown(report)
-    with open(os.path.join(args.out, "results.md"), "w") as file:
-        file.write(text)
+
+    def write(report: Dict) -> str:
+        with open(os.path.join(args.out, "results.json"), "w") as file:
+            json.dump(report, file, indent=1)
+        text = markdown(report)
+        with open(os.path.join(args.out, "results.md"), "w") as file:
+            file.write(text)
+        return text
+
+    report = run(args, checkpoint=write)
+    text = write(report)
     chart(report, os.path.join(args.out, "results.png"))
     print(text)
     print(f"Wrote results.json, results.md and results.png to {args.out}")
