@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the ``"triton"`` backend for an H100 (sm_90), without a GPU.
 
-    python tools/triton_sm90_check.py        # TRITON_INTERPRET must not be set
+    python tools/triton_sm90_check.py [CASE]   # TRITON_INTERPRET unset; CASE: part of the case names
 
 Triton's interpreter (how the tests run the kernels on a CPU) never compiles them, so a kernel
 that the interpreter accepts may still fail to compile for a GPU. This script runs the backend's
@@ -54,6 +54,7 @@ def compile_only(self, *args, grid, warmup, **kwargs):
 
 
 def main() -> None:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""  # a substring of the case names to check
     driver.set_active(CompileOnlyDriver())
     JITFunction.run = compile_only
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     ops = torch.ops.hypercolumn_ops_triton
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        for case in cases.all_cases(dtype, "cpu", requires_grad=True):
+        for case in [c for c in cases.all_cases(dtype, "cpu", requires_grad=True) if only in repr(c)]:
             for deterministic in (False, True):
                 for order in ((0, 1) if case.op.startswith("fused") else (None,)):
                     args = list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))

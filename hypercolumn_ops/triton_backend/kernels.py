@@ -69,11 +69,14 @@ def grid_offsets(offs_p, cells_per_box, output_width, stride_row, stride_i, stri
 @triton.jit
 def point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS: tl.constexpr):
     """Label of every point's row (0 without labels) and validity: a label outside
-    ``[0, NC)`` invalidates the point, and its index is replaced by 0 so no read goes astray."""
+    ``[0, NC)`` invalidates the point, and is clamped into range so no address goes astray."""
     if HAS_LABELS:
         label = tl.load(labels_ptr + row, mask=valid, other=0)
         valid = valid & (label >= 0) & (label < num_classes)
-        label = tl.where(valid, label, 0)
+        # Clamped rather than selected with `valid`: Triton 3.6 cannot compile a label that
+        # depends on `valid` in cell_scores_kernel for sm_90 (TritonGPURemoveLayoutConversions
+        # gives `valid` two layouts), and every use of an invalid point's label is masked anyway.
+        label = tl.minimum(tl.maximum(label, 0), num_classes - 1)
     else:
         label = tl.zeros(row.shape, tl.int64)
     return label, valid
