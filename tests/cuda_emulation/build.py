@@ -1,0 +1,59 @@
+"""Builds the CUDA kernels of ``csrc/cuda/`` as a CPU extension with ``cuda_emulation.h``.
+
+The sources are copied with a few mechanical rewrites (nothing else in them changes):
+
+- ``kernel<<<grid, block, shared, stream>>>(args)`` -> ``hc_emulation::launch(grid, block, kernel, args)``;
+- the ATen/c10 CUDA headers -> ``cuda_emulation.h`` (streams, guards, atomics, launch checks);
+- ``.is_cuda()`` -> ``.is_cpu()`` (the emulated kernels take CPU tensors);
+- the operators are registered as ``torch.ops.hypercolumn_ops_cuda_emulated`` for CPU tensors
+  (``csrc/ops.cpp``'s schema under that name), beside the real ``hypercolumn_ops``.
+"""
+
+import os
+import re
+
+import torch.utils.cpp_extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAMESPACE = "hypercolumn_ops_cuda_emulated"
+
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.DOTALL)
+_CUDA_INCLUDE = re.compile(r'#include <(?:ATen/cuda|c10/cuda)/[^>]+>\n')
+
+
+def _launch(match: re.Match) -> str:
+    kernel, config = match.group(1), match.group(2)
+    grid, block = [part.strip() for part in config.split(",")[:2]]
+    return f"hc_emulation::launch({grid}, {block}, {kernel}, "
+
+
+def rewrite(text: str) -> str:
+    text = _LAUNCH.sub(_launch, text)
+    if _CUDA_INCLUDE.search(text):
+        text = _CUDA_INCLUDE.sub("", text, count=0)
+        text = text.replace("#pragma once\n", '#pragma once\n\n#include "cuda_emulation.h"\n', 1)
+    text = text.replace(".is_cuda()", ".is_cpu()")
+    text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
+    return text.replace("TORCH_LIBRARY(hypercolumn_ops, m)", f"TORCH_LIBRARY({NAMESPACE}, m)")
+
+
+def build(verbose: bool = False):
+    """Writes the rewritten sources under build/cuda_emulation/ and loads the extension (cached by
+    torch.utils.cpp_extension between runs while the sources do not change)."""
+    out = os.path.join(ROOT, "build", "cuda_emulation")
+    os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
+    sources = []
+    for relative in ("ops.cpp", "cuda/common.cuh", "cuda/sampling_kernels.cu", "cuda/fused_kernels.cu"):
+        with open(os.path.join(ROOT, "csrc", relative)) as file:
+            text = rewrite(file.read())
+        target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)
+        if not os.path.exists(target) or open(target).read() != text:
+            with open(target, "w") as file:
+                file.write(text)
+        if target.endswith(".cpp"):
+            sources.append(target)
+    return torch.utils.cpp_extension.load(
+        name=NAMESPACE, sources=sources, build_directory=out, is_python_module=False, verbose=verbose,
+        extra_include_paths=[HERE, os.path.join(ROOT, "csrc"), os.path.join(out, "cuda")],
+        extra_cflags=["-O1", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"])
