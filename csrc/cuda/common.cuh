@@ -264,9 +264,9 @@ __global__ void __launch_bounds__(kChannelThreads)
 // Entry 4 * p + t is tap t (00, 01, 10, 11) of point p on a (height, width) map: its key
 // b * height * width + y * width + x, or src.batch * height * width (the sentinel, sorted last)
 // where it takes no gradient (invalid point, zero weight); and its bilinear weight.
-template <typename acc_t>
+template <typename acc_t, typename key_t>
 __global__ void tap_entries_kernel(PointSource<acc_t> src, int64_t num_points, int64_t height, int64_t width,
-                                   acc_t scale_y, acc_t scale_x, int64_t padding, int64_t* keys, acc_t* weights) {
+                                   acc_t scale_y, acc_t scale_x, int64_t padding, key_t* keys, acc_t* weights) {
   const int64_t sentinel = src.batch * height * width;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_points;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -278,7 +278,7 @@ __global__ void tap_entries_kernel(PointSource<acc_t> src, int64_t num_points, i
     const acc_t weight[4] = {q.w00, q.w01, q.w10, q.w11};
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      keys[4 * p + t] = (pt.valid && weight[t] != acc_t(0)) ? key[t] : sentinel;
+      keys[4 * p + t] = static_cast<key_t>((pt.valid && weight[t] != acc_t(0)) ? key[t] : sentinel);
       weights[4 * p + t] = weight[t];
     }
   }
@@ -439,49 +439,75 @@ struct TapSegments {
   }
 };
 
+template <typename acc_t, typename key_t>
+at::Tensor tap_keys(const PointSource<acc_t>& src, int64_t num_points, int64_t height, int64_t width, acc_t scale_y,
+                    acc_t scale_x, int64_t padding, const at::Tensor& weights) {
+  const at::Tensor keys =
+      at::empty({4 * num_points}, weights.options().dtype(c10::CppTypeToScalarType<key_t>::value));
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(num_points, 256), 65535));
+  tap_entries_kernel<acc_t, key_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      src, num_points, height, width, scale_y, scale_x, padding, keys.data_ptr<key_t>(), weights.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return keys;
+}
+
+// The tap entries of `map`'s layer (B, C, H, W), sorted and cut into segments. Keys are sorted as
+// int32 where they fit (half the radix-sort passes of int64).
 template <typename acc_t>
 TapSegments tap_segments(const PointSource<acc_t>& src, int64_t num_points, const at::Tensor& map, acc_t scale_y,
                          acc_t scale_x, int64_t padding) {
   const int64_t height = map.size(2), width = map.size(3);
   TapSegments s;
   s.sentinel = src.batch * height * width;
-  const at::Tensor keys = at::empty({4 * num_points}, map.options().dtype(at::kLong));
   s.weights = at::empty({4 * num_points}, map.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(num_points, 256), 65535));
-  tap_entries_kernel<acc_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      src, num_points, height, width, scale_y, scale_x, padding, keys.data_ptr<int64_t>(), s.weights.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor sorted;
+  const at::Tensor keys =
+      s.sentinel <= std::numeric_limits<int32_t>::max()
+          ? tap_keys<acc_t, int32_t>(src, num_points, height, width, scale_y, scale_x, padding, s.weights)
+          : tap_keys<acc_t, int64_t>(src, num_points, height, width, scale_y, scale_x, padding, s.weights);
+  at::Tensor sorted, segment_keys;
   std::tie(sorted, s.order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  std::tie(s.keys, std::ignore, s.counts) =
+  std::tie(segment_keys, std::ignore, s.counts) =
       at::unique_consecutive(sorted, /*return_inverse=*/false, /*return_counts=*/true);
+  s.keys = segment_keys.to(at::kLong);
   s.starts = at::cumsum(s.counts, 0) - s.counts;
   TORCH_CHECK(s.keys.size(0) <= std::numeric_limits<int32_t>::max(), "too many gradient pixels for one launch");
   return s;
 }
 
-// Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W), an
-// accumulation_buffer: with atomics, or deterministically in segments when `deterministic`.
+// Deterministic: adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W, any
+// strides) by sorted per-pixel segments, each (pixel, channel) summed by one thread in entry order.
 template <typename acc_t, typename Grads>
-void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
-                     acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
+void scatter_segments(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
+                      acc_t scale_x, int64_t padding, const Grads& grads) {
   const int64_t channels = buffer.size(1);
   if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const int threads = channel_threads(channels);
   const int64_t chunks = ceil_div(channels, threads);
   check_grid_y(chunks, "features");
-  const MapView<acc_t*> target = map_view<acc_t>(buffer);
-  if (!deterministic) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
-    scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(target, src, num_points, scale_y, scale_x,
-                                                                     padding, grads);
-  } else {
-    const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
-    const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
-    scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(
-        target, segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
+  const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
+  const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
+  scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      map_view<acc_t>(buffer), segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W), an
+// accumulation_buffer: with atomics, or scatter_segments when `deterministic`.
+template <typename acc_t, typename Grads>
+void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
+                     acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
+  if (deterministic) {
+    scatter_segments<acc_t>(buffer, src, num_points, scale_y, scale_x, padding, grads);
+    return;
   }
+  const int64_t channels = buffer.size(1);
+  if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
+  const int threads = channel_threads(channels);
+  const int64_t chunks = ceil_div(channels, threads);
+  check_grid_y(chunks, "features");
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+  scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      map_view<acc_t>(buffer), src, num_points, scale_y, scale_x, padding, grads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

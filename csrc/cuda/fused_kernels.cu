@@ -195,23 +195,28 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
 }
 
-// grad_bias[row, k, m]: one thread sums, in a fixed order, the score gradients of the row's points
-// (one point, or the oh * ow grid of a box) whose slots fall on cell k.
+// grad_bias[row, k, m]: one warp per element; lane l sums, in order, slots l, l + 32, ... of the
+// row's points (one point, or the oh * ow grid of a box) whose cell is k, then a fixed shuffle
+// tree adds the lanes: the same order on every run.
 template <typename scalar_t, typename acc_t>
 __global__ void bias_grad_kernel(int64_t rows, int64_t points_per_row, int64_t cells, int64_t outputs,
                                  const acc_t* slot_grads, const int64_t* slot_keys, scalar_t* grad_bias) {
+  const int lane = threadIdx.x % 32;
   const int64_t total = rows * cells * outputs;
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; index < total;
+       index += warps) {
     const int64_t row = index / (cells * outputs);
     const int64_t cell = (index / outputs) % cells;
     const int64_t output = index % outputs;
     acc_t sum = 0;
-    for (int64_t s = row * points_per_row * kSlots; s < (row + 1) * points_per_row * kSlots; ++s) {
+    const int64_t end = (row + 1) * points_per_row * kSlots;
+    for (int64_t s = row * points_per_row * kSlots + lane; s < end; s += 32) {
       const int64_t key = slot_keys[s];
       if (key >= 0 && key % cells == cell) sum += slot_grads[s * outputs + output];
     }
-    grad_bias[index] = static_cast<scalar_t>(sum);
+    sum = warp_sum(sum);
+    if (lane == 0) grad_bias[index] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -238,45 +243,36 @@ __global__ void score_grad_scatter_kernel(PointSource<acc_t> src, int64_t num_po
   }
 }
 
-// Order 1 backward, deterministic: block = one segment (a pixel) of the layer's sorted tap entries,
-// thread = output m. In entry order, each entry adds weight x (slot j's score gradient of output m)
-// to channel (slot j's cell key) * M + m of the pixel's score-gradient row: channels that thread m
-// of this block alone writes.
+// Order 1 backward: the gradient of score-map channel n = (cell key) * M + m at a point, the sum of
+// its slots' score gradients of output m whose cell key is n / M (deterministic path: the
+// channel-parallel scatter_segments_kernel of common.cuh).
 template <typename acc_t>
-__global__ void score_grad_segments_kernel(MapView<acc_t*> score_grad, SegmentView segments,
-                                           const acc_t* entry_weights, int64_t outputs, const acc_t* slot_grads,
-                                           const int64_t* slot_keys) {
-  __shared__ acc_t weight[kTilePoints];
-  __shared__ int64_t point[kTilePoints];
-  const int64_t key = segments.keys[blockIdx.x];
-  if (key >= segments.sentinel) return;  // the whole block: entries that take no gradient
-  const int64_t start = segments.starts[blockIdx.x], count = segments.counts[blockIdx.x];
-  const int64_t pixels = score_grad.height * score_grad.width;
-  const int64_t b = key / pixels, pixel = key - b * pixels;
-  const int64_t y = pixel / score_grad.width, x = pixel - y * score_grad.width;
-  acc_t* row = score_grad.data + b * score_grad.stride_b + y * score_grad.stride_y + x * score_grad.stride_x;
-  for (int64_t done = 0; done < count; done += kTilePoints) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kTilePoints), count - done));
-    __syncthreads();  // the previous tile's readers are done with the shared entries
-    for (int t = threadIdx.x; t < n; t += blockDim.x) {
-      const int64_t entry = segments.order[start + done + t];
-      point[t] = entry / 4;
-      weight[t] = entry_weights[entry];
-    }
-    __syncthreads();
-    for (int64_t m = threadIdx.x; m < outputs; m += blockDim.x) {
-      for (int t = 0; t < n; ++t) {
+struct ScoreMapGrads {
+  const acc_t* slot_grads;  // (P, 4, M)
+  const int64_t* slot_keys;  // (P, 4)
+  int64_t outputs;
+
+  struct Staged {
+    int64_t point;
+    int64_t key[kSlots];
+  };
+  __device__ __forceinline__ Staged stage(const Point<acc_t>&, int64_t p) const {
+    Staged s;
+    s.point = p;
 #pragma unroll
-        for (int j = 0; j < kSlots; ++j) {
-          const int64_t slot = point[t] * kSlots + j;
-          const int64_t cell_key = slot_keys[slot];
-          if (cell_key < 0) continue;
-          row[(cell_key * outputs + m) * score_grad.stride_c] += weight[t] * slot_grads[slot * outputs + m];
-        }
-      }
-    }
+    for (int j = 0; j < kSlots; ++j) s.key[j] = slot_keys[p * kSlots + j];
+    return s;
   }
-}
+  __device__ __forceinline__ acc_t at(const Staged& s, int64_t n) const {
+    const int64_t key = n / outputs, m = n - key * outputs;
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (s.key[j] == key) sum += slot_grads[(s.point * kSlots + j) * outputs + m];
+    }
+    return sum;
+  }
+};
 
 // Order 0 backward, the feature side: a point's channel-c gradient is sum over its slots j and
 // outputs m of (score gradient) x W[cell key, m, c], scattered onto its taps (scatter_to_taps).
@@ -631,7 +627,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     const auto src = fused_source<acc_t>(a, batch);
     const int64_t points_per_row = a.grid_h == 0 ? 1 : a.grid_h * a.grid_w;
     const int64_t bias_total = a.num_rows * a.cells * a.outputs;
-    const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_total, 256), 65535));
+    const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_total, 256 / 32), 65535));
     bias_grad_kernel<scalar_t, acc_t><<<bias_blocks, 256, 0, stream>>>(a.num_rows, points_per_row, a.cells, a.outputs,
                                                                          g, keys, grad_bias.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -645,17 +641,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_rows}, f.options().dtype(acc_type));
         const auto target = score_map_view<acc_t*>(score_grad.data_ptr<acc_t>(), f, score_rows);
         if (deterministic) {
-          const TapSegments segments = tap_segments<acc_t>(src, a.num_points, f, sy, sx, padding);
-          const int threads = channel_threads(a.outputs);
-          score_grad_segments_kernel<acc_t><<<static_cast<unsigned>(segments.keys.size(0)), threads, 0, stream>>>(
-              target, segments.view(), segments.weights.data_ptr<acc_t>(), a.outputs, g, keys);
+          scatter_segments<acc_t>(score_grad.view({batch, f.size(2), f.size(3), score_rows}).permute({0, 3, 1, 2}),
+                                  src, a.num_points, sy, sx, padding, ScoreMapGrads<acc_t>{g, keys, a.outputs});
         } else {
           const int64_t total = a.num_points * a.outputs;
           const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
           score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(src, a.num_points, a.outputs, target, sy, sx,
                                                                        padding, g, keys);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
         const at::Tensor weight_matrix = a.weights[l].reshape({score_rows, channels});
         // Dense (effective_order), so empty_like keeps the map's strides and its pixel matrix exists.
