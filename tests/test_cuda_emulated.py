@@ -21,9 +21,22 @@ from hypercolumn_ops import reference
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
 
-build.build()
-_native.register_fake_and_autograd(build.NAMESPACE)
-EMULATED = getattr(torch.ops, build.NAMESPACE)
+
+class _Emulated:
+    """``torch.ops.hypercolumn_ops_cuda_emulated``, built on first use (a run that deselects these
+    tests, such as ``pytest -m needs_cuda`` on a GPU machine, does not compile it)."""
+
+    namespace = None
+
+    def __getattr__(self, name):
+        if _Emulated.namespace is None:
+            build.build()
+            _native.register_fake_and_autograd(build.NAMESPACE)
+            _Emulated.namespace = getattr(torch.ops, build.NAMESPACE)
+        return getattr(_Emulated.namespace, name)
+
+
+EMULATED = _Emulated()
 
 # float64: the kernels differ from the reference only in the order of their sums (atomics,
 # warp reductions, matrix products): ~1e-15 relative, 1e-9 leaves room for cancellation.
