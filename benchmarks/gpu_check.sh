@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # GPU check of hypercolumn_ops: one unattended run of at most 8 minutes on a CUDA machine with no
 # network (made for an H100, sm_90; torch, triton, nvcc, compute-sanitizer already installed).
-# Every step has its own limit; the two benchmark steps share what the others left of 470 s.
+# Every step has its own limit, so that one hang cannot eat the budget; a failing step is recorded
+# and the next one still runs. The benchmarks share what the other steps left of 470 s.
 #
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
-# (OUT defaults to ./gpu_check_out). Steps, each under its own timeout so that one hang cannot eat
-# the budget; a failing step is recorded and the next one still runs:
+# (OUT defaults to ./gpu_check_out). Steps:
 #   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
 #   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   3. tests      pytest tests -m needs_cuda (native CUDA and any GPU-marked test), then the Triton
-#                 test files on the GPU
-#   4. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
-#                 forward and backward, once on small inputs with invalid rows)
-#   5. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
+#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU, in 8 processes where
+#                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time)
+#   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
 #                 results after every workload, so a step cut short keeps the finished ones)
+#   5. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#                 forward and backward, once on small inputs with invalid rows)
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
-# seconds, then the tail of the test log) is left beside it: two files come back.
+# seconds, then the tails of the test and sanitizer logs) is left beside it: two files come back.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -30,6 +30,7 @@ SUMMARY=$WORK/summary.txt
 step() {
   local name=$1 limit=$2
   shift 2
+  [ "$limit" -lt 10 ] && limit=10  # what the earlier steps left can be little, never "no limit" (0)
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
@@ -59,27 +60,24 @@ EOF
 }
 
 step versions 15 bash -c "$(declare -f versions); versions"
-step build 130 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 python setup.py build_ext --inplace
-step tests_cuda 130 python -m pytest tests -m needs_cuda -q -ra --durations=10 -p no:cacheprovider
-TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null)
-if [ -n "$TRITON_TESTS" ]; then
-  step tests_triton 60 python -m pytest $TRITON_TESTS -q -ra -m "not needs_cuda" -p no:cacheprovider
-fi
-step sanitizer 45 env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  python benchmarks/sanitize_cases.py
+step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 python setup.py build_ext --inplace
+export TRITON_INTERPRET=0  # tests/conftest.py would switch the interpreter on without /dev/nvidiactl
+PARALLEL=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 170 python -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
+  -p no:cacheprovider
 BUDGET=470
-if [ -f benchmarks/run.py ]; then
-  step bench_float32 $(( (BUDGET - SECONDS) / 2 )) python benchmarks/run.py --device cuda --out "$WORK/bench_float32"
-  step bench_bfloat16 $(( BUDGET - SECONDS )) python benchmarks/run.py --device cuda --dtype bfloat16 \
-    --out "$WORK/bench_bfloat16"
-else
-  echo "benchmarks: skipped, benchmarks/run.py is missing" | tee -a "$SUMMARY"
-fi
+SANITIZER=70
+step bench_float32 $(( (BUDGET - SANITIZER - SECONDS) / 2 )) python benchmarks/run.py --device cuda \
+  --out "$WORK/bench_float32"
+step bench_bfloat16 $(( BUDGET - SANITIZER - SECONDS )) python benchmarks/run.py --device cuda --dtype bfloat16 \
+  --out "$WORK/bench_bfloat16"
+step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
+  --error-exitcode 1 python benchmarks/sanitize_cases.py
 
 {
   echo
-  echo "---- tail of tests_cuda.log"
-  tail -n 40 "$WORK/tests_cuda.log"
+  echo "---- tail of tests.log"
+  tail -n 40 "$WORK/tests.log"
   echo "---- tail of sanitizer.log"
   tail -n 8 "$WORK/sanitizer.log"
 } >> "$SUMMARY"
