@@ -167,3 +167,29 @@ def test_emulated_wide_channels_last_loads(dtype):
         emulated = forward_and_grads(lambda: call(case, EMULATED, None), f)
         expected = forward_and_grads(lambda: call(case, reference, None), f)
         assert_same(emulated, expected, rtol, atol, f"{case} {dtype}")
+
+
+@pytest.mark.parametrize("layers,outputs", [(1, 33), (13, 1)], ids=["M33", "13layers"])
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic):
+    # M = 33 outputs (two output blocks of the wide tile) and 13 layers (two launches of the fused
+    # kernel, the raw scores carried from the first to the second): paths the shared cases miss.
+    g = torch.Generator().manual_seed(7)
+    shapes = tuple((3 + layer % 4, 4 + layer % 3, 5 + layer % 2) for layer in range(layers))
+    f = cases.features(torch.float64, "cpu", "contiguous", g, requires_grad=True, shapes=shapes)
+    w = cases.classifier(3, outputs, 2, torch.float64, "cpu", g, requires_grad=True, shapes=shapes)
+    bias = torch.randn(2, 9, outputs, generator=g, dtype=torch.float64).requires_grad_(True)
+    boxes = cases.boxes(1, torch.float32, "cpu", g)  # few points: each emulated warp shuffle is slow
+    points = cases.points(2, torch.float32, "cpu", g)
+    scale = {"spatial_scale": [0.25] * layers}
+    for case in (
+            cases.Case("fused_hypercolumn", (f, boxes, w, bias),
+                       dict(output_size=(2, 3), activation="sigmoid",
+                            labels=torch.randint(0, 2, (len(boxes),), generator=g), **scale)),
+            cases.Case("fused_hypercolumn_points", (f, points, w, bias),
+                       dict(labels=torch.randint(0, 2, (len(points),), generator=g),
+                            locations=torch.rand(len(points), 2, generator=g, dtype=torch.float64), **scale))):
+        inputs = cases.differentiable_inputs(case)
+        emulated = forward_and_grads(lambda: call(case, EMULATED, order), inputs)
+        expected = forward_and_grads(lambda: call(case, reference, order), inputs)
+        assert_same(emulated, expected, RTOL64, ATOL64, f"{case} order {order}")

@@ -1,9 +1,9 @@
 // CUDA kernels of fused_hypercolumn and fused_hypercolumn_points (forward and backward).
 //
-// Forward is one sampling pass over all layers: a block takes a tile of kFusedPoints points (and a
-// chunk of kFusedOutputs outputs), keeps their scores s_k for the <= 4 classifier cells whose
-// location weight is non-zero in shared memory, and per layer either
-//   order 0: samples a chunk of kFusedChannels channels of every point into shared memory and takes
+// Forward is one sampling pass over all layers: a block takes a tile of points (and a chunk of
+// outputs; FusedTile), keeps their scores s_k for the <= 4 classifier cells whose location weight
+// is non-zero in shared memory, and per layer either
+//   order 0: samples a chunk of channels of every point into shared memory and takes
 //            one warp-wide dot product per (point, cell, output) with the cell's classifier row, or
 //   order 1: samples the layer's projected score map (B, H_l * W_l, NC * KK * M), which cuBLAS made
 //            from a view of the map (one 1x1 convolution, at::bmm) before the launch;
@@ -30,9 +30,17 @@ namespace hypercolumn_ops {
 namespace cuda {
 namespace {
 
-constexpr int kFusedPoints = 16;
-constexpr int kFusedChannels = 128;
-constexpr int kFusedOutputs = 32;
+// A block's tile: `points` points x `outputs` outputs, features sampled `channels` at a time in
+// order 0.
+template <int kPoints, int kOutputs, int kChannels>
+struct FusedTile {
+  static constexpr int points = kPoints, outputs = kOutputs, channels = kChannels;
+};
+// M > 4 outputs per cell: 16 points x 32 outputs.
+using WideTile = FusedTile<16, 32, 128>;
+// M <= 4 (figure-ground's M = 1): 64 points x 4 outputs, so that the 256 threads of a block find
+// (point, slot, output) work to share; its shared tiles stay within 48 KB in float64 too.
+using TallTile = FusedTile<64, 4, 32>;
 constexpr int kFusedThreads = 256;
 // Layers per launch (kernel parameters); more layers run in several launches that carry the raw
 // scores from one to the next.
@@ -70,10 +78,11 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
   return value;
 }
 
-template <typename scalar_t, typename acc_t, bool kBackward>
+template <typename scalar_t, typename acc_t, bool kBackward, typename Tile>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_scores_kernel(FusedLayers<scalar_t, acc_t> layers, PointSource<acc_t> src, int64_t num_points,
                         FusedParams<scalar_t, acc_t> prm) {
+  constexpr int kFusedPoints = Tile::points, kFusedOutputs = Tile::outputs, kFusedChannels = Tile::channels;
   __shared__ Point<acc_t> points[kFusedPoints];
   __shared__ LocationWeights<acc_t> slots[kFusedPoints];
   __shared__ PointTaps<acc_t> taps[kFusedPoints];
@@ -509,19 +518,19 @@ MapView<ptr_t> score_map_view(ptr_t data, const at::Tensor& feature, int64_t cha
   return {data, channels, height, width, height * width * channels, 1, width * channels, channels};
 }
 
-// Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time; prm.out / prm.slot_grads
-// receive the result of the last launch. The backward of a linear blend needs no scores: there
+// Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time, in tiles for the number of
+// outputs (launch_fused_scores picks); prm.out / prm.slot_grads receive the result of the last launch. The backward of a linear blend needs no scores: there
 // `maps` is empty and one launch over no layers writes the slot gradients.
-template <typename scalar_t, typename acc_t, bool kBackward>
-void launch_fused_scores(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
-                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                         FusedParams<scalar_t, acc_t> prm) {
+template <typename scalar_t, typename acc_t, bool kBackward, typename Tile>
+void launch_fused_tiles(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
+                        at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                        FusedParams<scalar_t, acc_t> prm) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto src = fused_source<acc_t>(a, features[0].size(0));
   const int64_t layers = static_cast<int64_t>(maps.size());
-  const int64_t output_blocks = ceil_div(a.outputs, kFusedOutputs);
+  const int64_t output_blocks = ceil_div(a.outputs, Tile::outputs);
   check_grid_y(output_blocks, "weights (M outputs)");
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, kFusedPoints)), static_cast<unsigned>(output_blocks));
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.num_points, Tile::points)), static_cast<unsigned>(output_blocks));
   at::Tensor partial_in, partial_out;
   for (int64_t start = 0; start == 0 || start < layers; start += kMaxFusedLayers) {
     const int64_t stop = std::min(layers, start + kMaxFusedLayers);
@@ -546,9 +555,21 @@ void launch_fused_scores(at::TensorList features, const FusedArgs& a, const std:
     } else {
       p.partial_out = nullptr;
     }
-    fused_scores_kernel<scalar_t, acc_t, kBackward><<<grid, kFusedThreads, 0, stream>>>(pack, src, a.num_points, p);
+    fused_scores_kernel<scalar_t, acc_t, kBackward, Tile><<<grid, kFusedThreads, 0, stream>>>(pack, src,
+                                                                                             a.num_points, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     partial_in = partial_out;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kBackward>
+void launch_fused_scores(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
+                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                         FusedParams<scalar_t, acc_t> prm) {
+  if (a.outputs <= TallTile::outputs) {
+    launch_fused_tiles<scalar_t, acc_t, kBackward, TallTile>(features, a, maps, scale_y, scale_x, prm);
+  } else {
+    launch_fused_tiles<scalar_t, acc_t, kBackward, WideTile>(features, a, maps, scale_y, scale_x, prm);
   }
 }
 
