@@ -16,6 +16,8 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_invalid_rows, forward_and_grads,
+                           run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -24,9 +26,6 @@ pytestmark = pytest.mark.needs_cuda
 CASE_IDS = [repr(c) for c in cases.all_cases(torch.float64, "cpu")]
 FUSED_IDS = [i for i, name in enumerate(CASE_IDS) if name.startswith("fused")]
 
-# float64 kernels differ from the float64 reference only in the order of their sums (atomics,
-# warp reductions, cuBLAS for projected layers): ~1e-15 relative, 1e-9 leaves room for cancellation.
-RTOL64, ATOL64 = 1e-9, 1e-9
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,36 +47,8 @@ def deterministic():
     torch.use_deterministic_algorithms(previous)
 
 
-def forward_and_grads(run, inputs, probe=None):
-    """Output of ``run()`` and the gradients of a fixed random projection (``probe``, random by
-    default) of its finite part."""
-    out = run()
-    if probe is None:
-        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    probe = probe.to(dtype=out.dtype, device=out.device)
-    loss = (torch.where(torch.isfinite(out), out, torch.zeros_like(out)) * probe).sum()
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return out.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
-
-
-def assert_all_close(actual, expected, rtol, atol, what):
-    out, grads = actual
-    ref_out, ref_grads = expected
-    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} forward: {m}")
-    for index, (g, ref_g) in enumerate(zip(grads, ref_grads)):
-        torch.testing.assert_close(g, ref_g, rtol=rtol, atol=atol, msg=lambda m: f"{what} grad {index}: {m}")
-
-
 def normalised_args(case):
     return list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
-
-
-def run_in_order(case, module, order):
-    """The case's fused operator through ``module`` with every layer in ``order``."""
-    # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
-    args = normalised_args(case)
-    args[-1] = [order] * len(args[0])
-    return getattr(module, case.op)(*args)
 
 
 def leaf(value):
@@ -179,17 +150,6 @@ def test_deterministic_mode(index, deterministic):
     assert_all_close(second, first, 0.0, 0.0, f"{case} run to run")
 
 
-# Why each tolerance: outputs round once to the dtype (float16: 2^-11, bfloat16: 2^-8 relative);
-# feature gradients are summed in float32 and rounded once, but projected score maps and their
-# gradients are stored in the features' dtype and go through a matrix product over up to C_l terms
-# of O(1) there. float32 differs only in summation order.
-LOW_PRECISION = {
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (2e-2, 1e-1),
-    torch.bfloat16: (1e-1, 5e-1),
-}
-
-
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_low_precision(index, dtype):
@@ -198,43 +158,11 @@ def test_low_precision(index, dtype):
 
 
 def test_invalid_rows_give_nan_and_no_gradient():
-    # Rows with a batch index out of range, a non-integer one, a NaN or infinite coordinate, or a
-    # label out of range: NaN outputs, and the other rows' outputs and gradients are those of a
-    # call without the bad rows.
-    g = torch.Generator().manual_seed(3)
-    f = cases.features(torch.float64, "cuda", "channels_last", g, requires_grad=True)
-    w = cases.classifier(3, 2, 4, torch.float64, "cuda", g, requires_grad=True)
-    good = cases.points(5, torch.float64, "cuda", g)
-    bad = torch.tensor([[2.0, 3.0, 4.0], [0.5, 3.0, 4.0], [0.0, float("nan"), 4.0], [1.0, 3.0, float("inf")],
-                        [-1.0, 1.0, 1.0]], dtype=torch.float64, device="cuda")
-    points = torch.cat([good, bad, good[:1]])
-    valid_point = torch.tensor([True] * len(good) + [False] * len(bad) + [True], device="cuda")
-    labels = torch.randint(0, 4, (len(points),), generator=g).to("cuda")
-    labels[-1] = 7  # an invalid label on an otherwise good row
-    valid_label = labels < 4
-    locations = torch.rand(len(points), 2, generator=g, dtype=torch.float64).to("cuda")
-    inputs = list(f) + list(w)
-    hypercolumn_ops.set_value_checks(False)
-    try:
+    def native(case):
         with hypercolumn_ops.use_backend("native"):
-            for op, kwargs, keep in (
-                    ("sparse_hypercolumn", {}, valid_point),
-                    ("fused_hypercolumn_points", {"labels": labels, "locations": locations}, valid_point & valid_label)):
-                def run(rows):
-                    extra = {k: v[rows] for k, v in kwargs.items()}
-                    args = (f, points[rows]) if op == "sparse_hypercolumn" else (f, points[rows], w)
-                    return getattr(hypercolumn_ops, op)(*args, image_size=cases.IMAGE, **extra)
+            return case()
 
-                everything = forward_and_grads(lambda: run(torch.ones_like(keep)), inputs)
-                assert torch.isnan(everything[0][~keep]).all(), op
-                probe = torch.randn(everything[0].shape, generator=g, dtype=torch.float64)
-                everything = forward_and_grads(lambda: run(torch.ones_like(keep)), inputs, probe)
-                subset = forward_and_grads(lambda: run(keep), inputs, probe[keep.cpu()])
-                torch.testing.assert_close(everything[0][keep], subset[0], rtol=RTOL64, atol=ATOL64)
-                for a, b in zip(everything[1], subset[1]):
-                    torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
-    finally:
-        hypercolumn_ops.set_value_checks(True)
+    check_invalid_rows("cuda", native)
 
 
 def test_bad_arguments_name_the_argument():
@@ -257,14 +185,6 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)
 def test_wide_channels_last_loads(dtype):
-    # Channel counts that are multiples of every vector width (16 bytes: 2 float64 ... 8 float16), so
-    # the sampling kernels take their wide-load path, which the odd channel counts of cases.py skip.
-    g = torch.Generator().manual_seed(5)
-    shapes = ((8, 10, 12), (16, 5, 6), (24, 3, 3))
-    f = cases.features(dtype, "cuda", "channels_last", g, requires_grad=True, shapes=shapes)
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
-    for case in (cases.Case("sparse_hypercolumn", (f, cases.points(40, torch.float32, "cuda", g)),
-                            {"image_size": cases.IMAGE}, "wide"),
-                 cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, "cuda", g), (5, 4)),
-                            {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")):
+    for case in wide_load_cases(dtype, "cuda")[1]:
         cases.assert_close_to_reference(case, "native", rtol, atol)

@@ -1,0 +1,108 @@
+"""Checks shared by the tests of the CUDA kernels: on a GPU (test_native_cuda.py) and emulated on
+the CPU (test_cuda_emulated.py). The same cases, tolerances and comparisons in both places, so
+that what passes emulated is what the GPU run checks."""
+
+from typing import Callable, List, Tuple
+
+import torch
+
+import hypercolumn_ops
+from hypercolumn_ops import ops as public
+
+import cases
+
+# float64 kernels differ from the float64 reference only in the order of their sums (atomics,
+# warp reductions, cuBLAS for projected layers): ~1e-15 relative, 1e-9 leaves room for cancellation.
+RTOL64, ATOL64 = 1e-9, 1e-9
+
+# Why each tolerance: outputs round once to the dtype (float16: 2^-11, bfloat16: 2^-8 relative);
+# feature gradients are summed in float32 and rounded once, but projected score maps and their
+# gradients are stored in the features' dtype and go through a matrix product over up to C_l terms
+# of O(1) there. float32 differs only in summation order.
+LOW_PRECISION = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 1e-1),
+    torch.bfloat16: (1e-1, 5e-1),
+}
+
+
+def run_in_order(case, module, order=None):
+    """The case's operator through ``module`` (an operator namespace or the reference) on its
+    normalised arguments, every layer of a fused operator in ``order`` (None: as planned)."""
+    # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
+    args = list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
+    if order is not None:
+        args[-1] = [order] * len(args[0])
+    return getattr(module, case.op)(*args)
+
+
+def forward_and_grads(run: Callable[[], torch.Tensor], inputs: List[torch.Tensor], probe=None):
+    """Output of ``run()`` and the gradients of a fixed random projection (``probe``, drawn from
+    seed 1 by default) of its finite part."""
+    out = run()
+    if probe is None:
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probe = probe.to(dtype=out.dtype, device=out.device)
+    loss = (torch.where(torch.isfinite(out), out, torch.zeros_like(out)) * probe).sum()
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+def assert_all_close(actual, expected, rtol, atol, what):
+    out, grads = actual
+    ref_out, ref_grads = expected
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} forward: {m}")
+    for index, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, ref_g, rtol=rtol, atol=atol, msg=lambda m: f"{what} grad {index}: {m}")
+
+
+def wide_load_cases(dtype, device) -> Tuple[List[torch.Tensor], List[cases.Case]]:
+    """Channel counts that are multiples of every vector width (16 bytes: 2 float64 ... 8 float16),
+    so the sampling kernels take their wide-load path, which the odd channel counts of cases.py
+    skip: the channels_last features and a sparse and a box case over them."""
+    g = torch.Generator().manual_seed(5)
+    shapes = ((8, 10, 12), (16, 5, 6), (24, 3, 3))
+    f = cases.features(dtype, device, "channels_last", g, requires_grad=True, shapes=shapes)
+    return f, [cases.Case("sparse_hypercolumn", (f, cases.points(40, torch.float32, device, g)),
+                          {"image_size": cases.IMAGE}, "wide"),
+               cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, device, g), (5, 4)),
+                          {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")]
+
+
+def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
+    """Rows with a batch index out of range, a non-integer one, a NaN or infinite coordinate, or a
+    label out of range give NaN outputs, and the other rows' outputs and gradients are those of a
+    call without the bad rows. ``call(case)`` runs a case on the kernels under test."""
+    g = torch.Generator().manual_seed(3)
+    f = cases.features(torch.float64, device, "channels_last", g, requires_grad=True)
+    w = cases.classifier(3, 2, 4, torch.float64, device, g, requires_grad=True)
+    good = cases.points(5, torch.float64, device, g)
+    bad = torch.tensor([[2.0, 3.0, 4.0], [0.5, 3.0, 4.0], [0.0, float("nan"), 4.0], [1.0, 3.0, float("inf")],
+                        [-1.0, 1.0, 1.0]], dtype=torch.float64, device=device)
+    points = torch.cat([good, bad, good[:1]])
+    valid_point = torch.tensor([True] * len(good) + [False] * len(bad) + [True], device=device)
+    labels = torch.randint(0, 4, (len(points),), generator=g).to(device)
+    labels[-1] = 7  # an invalid label on an otherwise good row
+    locations = torch.rand(len(points), 2, generator=g, dtype=torch.float64).to(device)
+    inputs = list(f) + list(w)
+    hypercolumn_ops.set_value_checks(False)
+    try:
+        for op, kwargs, keep in (
+                ("sparse_hypercolumn", {}, valid_point),
+                ("fused_hypercolumn_points", {"labels": labels, "locations": locations}, valid_point & (labels < 4))):
+            def run(rows):
+                args = (f, points[rows]) if op == "sparse_hypercolumn" else (f, points[rows], w)
+                extra = {k: v[rows] for k, v in kwargs.items()}
+                return call(cases.Case(op, args, dict(image_size=cases.IMAGE, **extra)))
+
+            everything = forward_and_grads(lambda: run(torch.ones_like(keep)), inputs)
+            assert torch.isnan(everything[0][~keep]).all(), op
+            assert torch.isfinite(everything[0][keep]).all(), op
+            probe = torch.randn(everything[0].shape, generator=g, dtype=torch.float64)
+            everything = forward_and_grads(lambda: run(torch.ones_like(keep)), inputs, probe)
+            subset = forward_and_grads(lambda: run(keep), inputs, probe[keep.cpu()])
+            torch.testing.assert_close(everything[0][keep], subset[0], rtol=RTOL64, atol=ATOL64)
+            for a, b in zip(everything[1], subset[1]):
+                torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
+    finally:
+        hypercolumn_ops.set_value_checks(True)
