@@ -2,9 +2,10 @@
 
 Run from the repository root: ``compute-sanitizer --tool memcheck python benchmarks/sanitize_cases.py``.
 It calls every operator forward and backward with both evaluation orders, the atomic and the
-deterministic backward, float32 and float16 (wide channels_last loads), and rows that must not be
-read: a batch index out of range, a non-integer one, a NaN coordinate, an invalid label, points far
-outside the image. It checks no values (the tests do); it exits 0 when every call returned.
+deterministic backward, float32 and float16 (wide channels_last loads), both tiles of the fused
+kernel (M = 2 and M = 33), and rows that must not be read: a batch index out of range, a
+non-integer one, a NaN coordinate, an invalid label, points far outside the image. It checks no
+values (the tests do); it exits 0 when every call returned.
 """
 
 import torch
@@ -60,6 +61,11 @@ def run_all(dtype):
                                                               padding="zeros"))
         args[-1] = [order] * len(features)
         backward(ops.fused_hypercolumn_points(*args), tensors)
+        # 33 outputs: the wide tile of the fused kernel, with two output blocks.
+        wide = [(0.1 * torch.randn(1, 33, f.shape[1])).to(dtype).cuda().requires_grad_(True) for f in features]
+        args = list(public.normalise_fused_hypercolumn_points(features, points, wide, image_size=IMAGE))
+        args[-1] = [order] * len(features)
+        backward(ops.fused_hypercolumn_points(*args), features + wide)
 
 
 def main():
