@@ -21,6 +21,8 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 
 OUT=${OUT:-$PWD/gpu_check_out}
+# The interpreter that holds torch: python3 on the GPU machines (a bare `python` may not exist there).
+export PYTHON=${PYTHON:-python3}
 WORK=$OUT/gpu_check
 mkdir -p "$WORK"
 SUMMARY=$WORK/summary.txt
@@ -45,7 +47,7 @@ versions() {
   nvidia-smi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nvcc --version
-  python - <<'EOF'
+  "$PYTHON" - <<'EOF'
 import platform
 import torch
 print("python", platform.python_version())
@@ -60,19 +62,19 @@ EOF
 }
 
 step versions 15 bash -c "$(declare -f versions); versions"
-step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 python setup.py build_ext --inplace
+step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 export TRITON_INTERPRET=0  # tests/conftest.py would switch the interpreter on without /dev/nvidiactl
-PARALLEL=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 170 python -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
+PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
   -p no:cacheprovider
 BUDGET=470
 SANITIZER=70
-step bench_float32 $(( (BUDGET - SANITIZER - SECONDS) / 2 )) python benchmarks/run.py --device cuda \
+step bench_float32 $(( (BUDGET - SANITIZER - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py --device cuda \
   --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - SECONDS )) python benchmarks/run.py --device cuda --dtype bfloat16 \
+step bench_bfloat16 $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 \
   --out "$WORK/bench_bfloat16"
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
-  --error-exitcode 1 python benchmarks/sanitize_cases.py
+  --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
 {
   echo
