@@ -23,6 +23,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_check_out}
 # The interpreter that holds torch: python3 on the GPU machines (a bare `python` may not exist there).
 export PYTHON=${PYTHON:-python3}
+# The package is built in place, not installed: every process imports it from the checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$OUT/gpu_check
 mkdir -p "$WORK"
 SUMMARY=$WORK/summary.txt
