@@ -881,6 +881,12 @@ struct PointArguments {
   int64_t count;
   ClassifierShape shape;
   at::Tensor coords, places;
+
+  template <typename acc_t>
+  PointList<acc_t> points() const {
+    return {coords.const_data_ptr<acc_t>(), places.defined() ? places.const_data_ptr<acc_t>() : nullptr,
+            count};
+  }
 };
 
 PointArguments check_point_arguments(at::TensorList features, const at::Tensor& points,
@@ -911,18 +917,14 @@ at::Tensor fused_hypercolumn_points_cpu(at::TensorList features, const at::Tenso
   const PointArguments args = check_point_arguments(features, points, locations, weights, bias,
                                                     labels, scale_y, scale_x, padding, activation,
                                                     orders);
-  const int64_t count = args.count;
-  const ClassifierShape& shape = args.shape;
-  const at::Tensor &coords = args.coords, &places = args.places;
-  at::Tensor out = new_output({count, shape.outputs}, features[0].options());
-  if (count == 0) return out;
+  at::Tensor out = new_output({args.count, args.shape.outputs}, features[0].options());
+  if (args.count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_hypercolumn_points", [&] {
     using acc_t = acc_type<scalar_t>;
-    Classifier<scalar_t> cls = make_classifier<scalar_t>(features, weights, bias, labels, shape,
+    Classifier<scalar_t> cls = make_classifier<scalar_t>(features, weights, bias, labels, args.shape,
                                                          scale_y, scale_x, padding, activation, orders);
-    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(),
-                                  places.defined() ? places.const_data_ptr<acc_t>() : nullptr, count};
-    fused_forward(cls, features, source, out.data_ptr<scalar_t>(), row_layout(shape.outputs, 1));
+    fused_forward(cls, features, args.points<acc_t>(), out.data_ptr<scalar_t>(),
+                  row_layout(args.shape.outputs, 1));
   });
   return out;
 }
@@ -939,18 +941,13 @@ fused_hypercolumn_points_backward_cpu(const at::Tensor& grad, at::TensorList fea
   const PointArguments args = check_point_arguments(features, points, locations, weights, bias,
                                                     labels, scale_y, scale_x, padding, activation,
                                                     orders);
-  const int64_t count = args.count;
-  const ClassifierShape& shape = args.shape;
-  const at::Tensor &coords = args.coords, &places = args.places;
-  check_grad(grad, {count, shape.outputs}, features[0].scalar_type());
+  check_grad(grad, {args.count, args.shape.outputs}, features[0].scalar_type());
   std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_hypercolumn_points_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    Classifier<scalar_t> cls = make_classifier<scalar_t>(features, weights, bias, labels, shape,
+    Classifier<scalar_t> cls = make_classifier<scalar_t>(features, weights, bias, labels, args.shape,
                                                          scale_y, scale_x, padding, activation, orders);
-    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(),
-                                  places.defined() ? places.const_data_ptr<acc_t>() : nullptr, count};
-    grads = fused_backward(cls, features, weights, source, grad,
+    grads = fused_backward(cls, features, weights, args.points<acc_t>(), grad,
                            row_layout(grad.stride(0), grad.stride(1)));
   });
   return grads;

@@ -474,40 +474,29 @@ TapSegments tap_segments(const PointSource<acc_t>& src, int64_t num_points, cons
   return s;
 }
 
-// Deterministic: adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W, any
-// strides) by sorted per-pixel segments, each (pixel, channel) summed by one thread in entry order.
-template <typename acc_t, typename Grads>
-void scatter_segments(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
-                      acc_t scale_x, int64_t padding, const Grads& grads) {
-  const int64_t channels = buffer.size(1);
-  if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
-  const int threads = channel_threads(channels);
-  const int64_t chunks = ceil_div(channels, threads);
-  check_grid_y(chunks, "features");
-  const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
-  const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
-  scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      map_view<acc_t>(buffer), segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W), an
-// accumulation_buffer: with atomics, or scatter_segments when `deterministic`.
+// Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W, any strides;
+// zero-filled): with atomics, or when `deterministic` by sorted per-pixel segments, each (pixel,
+// channel) summed by one thread in entry order.
 template <typename acc_t, typename Grads>
 void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
                      acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
-  if (deterministic) {
-    scatter_segments<acc_t>(buffer, src, num_points, scale_y, scale_x, padding, grads);
-    return;
-  }
   const int64_t channels = buffer.size(1);
   if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
   const int threads = channel_threads(channels);
   const int64_t chunks = ceil_div(channels, threads);
   check_grid_y(chunks, "features");
-  const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
-  scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      map_view<acc_t>(buffer), src, num_points, scale_y, scale_x, padding, grads);
+  const MapView<acc_t*> target = map_view<acc_t>(buffer);
+  if (deterministic) {
+    const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
+    const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
+    scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(
+        target, segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
+  } else {
+    const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+    scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(target, src, num_points, scale_y, scale_x,
+                                                                     padding, grads);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -13,8 +13,8 @@
 // Backward recomputes the scores the same way where the sigmoid needs them, and stores each
 // point's score gradients (P, 4, M) and cell keys (P, 4); then per layer
 //   order 0: scatters W^T (score gradient) onto the feature taps (scatter_to_taps, common.cuh), and
-//            sums (score gradient) x (resampled features) into per-chunk weight-gradient partials
-//            that the host adds up in order;
+//            sums (score gradient) x (resampled features) into per-chunk weight-gradient partials,
+//            which at::sum then adds;
 //   order 1: scatters the score gradients onto a score-map gradient and lets cuBLAS form the
 //            feature and weight gradients.
 // The scatters use atomics by default; under torch.use_deterministic_algorithms(True) they sum
@@ -252,13 +252,11 @@ __global__ void score_grad_scatter_kernel(PointSource<acc_t> src, int64_t num_po
   }
 }
 
-// Order 1 backward: the gradient of score-map channel n = (cell key) * M + m at a point, the sum of
-// its slots' score gradients of output m whose cell key is n / M (deterministic path: the
-// channel-parallel scatter_segments_kernel of common.cuh).
+// What the fused backward's scatters stage per point: its index and the cell keys of its slots.
 template <typename acc_t>
-struct ScoreMapGrads {
+struct SlotGrads {
   const acc_t* slot_grads;  // (P, 4, M)
-  const int64_t* slot_keys;  // (P, 4)
+  const int64_t* slot_keys;  // (P, 4): label * KK + cell, or -1
   int64_t outputs;
 
   struct Staged {
@@ -272,12 +270,18 @@ struct ScoreMapGrads {
     for (int j = 0; j < kSlots; ++j) s.key[j] = slot_keys[p * kSlots + j];
     return s;
   }
-  __device__ __forceinline__ acc_t at(const Staged& s, int64_t n) const {
-    const int64_t key = n / outputs, m = n - key * outputs;
+};
+
+// Order 1 backward: the gradient of score-map channel n = (cell key) * M + m at a point, the sum of
+// its slots' score gradients of output m whose cell key is n / M (deterministic path).
+template <typename acc_t>
+struct ScoreMapGrads : SlotGrads<acc_t> {
+  __device__ __forceinline__ acc_t at(const typename SlotGrads<acc_t>::Staged& s, int64_t n) const {
+    const int64_t outputs = this->outputs, key = n / outputs, m = n - key * outputs;
     acc_t sum = 0;
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-      if (s.key[j] == key) sum += slot_grads[(s.point * kSlots + j) * outputs + m];
+      if (s.key[j] == key) sum += this->slot_grads[(s.point * kSlots + j) * outputs + m];
     }
     return sum;
   }
@@ -286,34 +290,19 @@ struct ScoreMapGrads {
 // Order 0 backward, the feature side: a point's channel-c gradient is sum over its slots j and
 // outputs m of (score gradient) x W[cell key, m, c], scattered onto its taps (scatter_to_taps).
 template <typename scalar_t, typename acc_t>
-struct CellFeatureGrads {
-  const acc_t* slot_grads;  // (P, 4, M)
-  const int64_t* slot_keys;  // (P, 4)
-  const scalar_t* weight;   // (NC * KK * M, C) contiguous
-  int64_t outputs, channels;
+struct CellFeatureGrads : SlotGrads<acc_t> {
+  const scalar_t* weight;  // (NC * KK * M, C) contiguous
+  int64_t channels;
 
-  struct Staged {
-    int64_t point;
-    int64_t row[kSlots];  // weight row of output 0 of slot j, or -1
-  };
-  __device__ __forceinline__ Staged stage(const Point<acc_t>&, int64_t p) const {
-    Staged s;
-    s.point = p;
-#pragma unroll
-    for (int j = 0; j < kSlots; ++j) {
-      const int64_t key = slot_keys[p * kSlots + j];
-      s.row[j] = key >= 0 ? key * outputs : -1;
-    }
-    return s;
-  }
-  __device__ __forceinline__ acc_t at(const Staged& s, int64_t c) const {
+  __device__ __forceinline__ acc_t at(const typename SlotGrads<acc_t>::Staged& s, int64_t c) const {
+    const int64_t outputs = this->outputs;
     acc_t sum = 0;
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-      if (s.row[j] < 0) continue;
-      const acc_t* g = slot_grads + (s.point * kSlots + j) * outputs;
+      if (s.key[j] < 0) continue;
+      const acc_t* g = this->slot_grads + (s.point * kSlots + j) * outputs;
       for (int64_t m = 0; m < outputs; ++m) {
-        if (g[m] != acc_t(0)) sum += g[m] * static_cast<acc_t>(weight[(s.row[j] + m) * channels + c]);
+        if (g[m] != acc_t(0)) sum += g[m] * static_cast<acc_t>(weight[(s.key[j] * outputs + m) * channels + c]);
       }
     }
     return sum;
@@ -518,9 +507,10 @@ MapView<ptr_t> score_map_view(ptr_t data, const at::Tensor& feature, int64_t cha
   return {data, channels, height, width, height * width * channels, 1, width * channels, channels};
 }
 
-// Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time, in tiles for the number of
-// outputs (launch_fused_scores picks); prm.out / prm.slot_grads receive the result of the last launch. The backward of a linear blend needs no scores: there
-// `maps` is empty and one launch over no layers writes the slot gradients.
+// Runs fused_scores_kernel over every layer, kMaxFusedLayers at a time, in one tile shape
+// (launch_fused_scores picks it); prm.out / prm.slot_grads receive the result of the last launch.
+// The backward of a linear blend needs no scores: there `maps` is empty and one launch over no
+// layers writes the slot gradients.
 template <typename scalar_t, typename acc_t, bool kBackward, typename Tile>
 void launch_fused_tiles(at::TensorList features, const FusedArgs& a, const std::vector<at::Tensor>& maps,
                         at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
@@ -660,15 +650,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
       if (a.orders[l] == kOrderProjectScores) {
         // Score-map gradient (B, H*W, NC*KK*M), then the 1x1 convolution's two products by cuBLAS.
         at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_rows}, f.options().dtype(acc_type));
-        const auto target = score_map_view<acc_t*>(score_grad.data_ptr<acc_t>(), f, score_rows);
+        // The same memory as a (B, NC*KK*M, H, W) map for the scatters.
+        const at::Tensor score_grad_map =
+            score_grad.view({batch, f.size(2), f.size(3), score_rows}).permute({0, 3, 1, 2});
         if (deterministic) {
-          scatter_segments<acc_t>(score_grad.view({batch, f.size(2), f.size(3), score_rows}).permute({0, 3, 1, 2}),
-                                  src, a.num_points, sy, sx, padding, ScoreMapGrads<acc_t>{g, keys, a.outputs});
+          scatter_to_taps<acc_t>(score_grad_map, src, a.num_points, sy, sx, padding,
+                                 ScoreMapGrads<acc_t>{{g, keys, a.outputs}}, true);
         } else {
           const int64_t total = a.num_points * a.outputs;
           const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
-          score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(src, a.num_points, a.outputs, target, sy, sx,
-                                                                       padding, g, keys);
+          score_grad_scatter_kernel<acc_t><<<blocks, 256, 0, stream>>>(
+              src, a.num_points, a.outputs, map_view<acc_t>(score_grad_map), sy, sx, padding, g, keys);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
@@ -683,7 +675,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         continue;
       }
       const at::Tensor buffer = accumulation_buffer(f);
-      const CellFeatureGrads<scalar_t, acc_t> cell_grads{g, keys, a.weights[l].data_ptr<scalar_t>(), a.outputs,
+      const CellFeatureGrads<scalar_t, acc_t> cell_grads{{g, keys, a.outputs}, a.weights[l].data_ptr<scalar_t>(),
                                                          channels};
       scatter_to_taps<acc_t>(buffer, src, a.num_points, sy, sx, padding, cell_grads, deterministic);
       grad_features[l] = feature_grad(f, buffer);

@@ -31,11 +31,18 @@ def _launch(match: re.Match) -> str:
 def rewrite(text: str) -> str:
     text = _LAUNCH.sub(_launch, text)
     if _CUDA_INCLUDE.search(text):
-        text = _CUDA_INCLUDE.sub("", text, count=0)
+        text = _CUDA_INCLUDE.sub("", text)
         text = text.replace("#pragma once\n", '#pragma once\n\n#include "cuda_emulation.h"\n', 1)
     text = text.replace(".is_cuda()", ".is_cpu()")
     text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
     return text.replace("TORCH_LIBRARY(hypercolumn_ops, m)", f"TORCH_LIBRARY({NAMESPACE}, m)")
+
+
+def _read(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return file.read()
 
 
 def build(verbose: bool = False):
@@ -48,7 +55,7 @@ def build(verbose: bool = False):
         with open(os.path.join(ROOT, "csrc", relative)) as file:
             text = rewrite(file.read())
         target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)
-        if not os.path.exists(target) or open(target).read() != text:
+        if _read(target) != text:  # rewritten only when changed, so the build cache holds
             with open(target, "w") as file:
                 file.write(text)
         if target.endswith(".cpp"):
