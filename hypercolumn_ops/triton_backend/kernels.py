@@ -398,22 +398,21 @@ def scatter_cell_grads_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_
 
 
 @triton.jit
-def scatter_segments_kernel(segment_keys_ptr, segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr,
-                            tap_sentinel, target_ptr, target_stride_b, target_stride_c, target_stride_h,
+def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr, target_ptr, target_stride_b, target_stride_c, target_stride_h,
                             target_stride_w, channels, height, width, grad_ptr, grad_stride_row, grad_stride_i,
                             grad_stride_j, grad_stride_c, cells_per_box, output_width, cell_grads_ptr,
                             cell_keys_ptr, weight_ptr, weight_stride_nc, weight_stride_k, weight_stride_m,
                             weight_stride_c, cells, cell_sentinel, num_outputs, ACC: tl.constexpr,
                             MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Deterministic scatter: one program owns one pixel (a segment of the tap entries sorted by
-    key) and a block of channels, sums ``tap weight x point_channel_grads`` over the segment in
-    sorted order and stores the pixel's gradient once."""
-    segment = tl.program_id(0).to(tl.int64)
+    """Deterministic scatter: one program owns one pixel (key ``b * H * W + y * W + x``, its
+    segment of the tap entries sorted by key, maybe empty) and a block of channels, sums
+    ``tap weight x point_channel_grads`` over the segment in sorted order and stores the pixel's
+    gradient once."""
+    key = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
-    key = tl.load(segment_keys_ptr + segment)
-    start = tl.load(segment_starts_ptr + segment)
-    count = tl.where(key < tap_sentinel, tl.load(segment_counts_ptr + segment), 0)
+    start = tl.load(segment_starts_ptr + key)
+    count = tl.load(segment_counts_ptr + key)
     total = tl.zeros([BLOCK_C], ACC)
     for first in range(0, count, BLOCK_E):
         offs_e = first + tl.arange(0, BLOCK_E)
@@ -426,12 +425,11 @@ def scatter_segments_kernel(segment_keys_ptr, segment_starts_ptr, segment_counts
                                     weight_stride_c, cells, cell_sentinel, num_outputs, ACC, MODE)
         total += tl.sum(weight[:, None] * value, axis=0)
     address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
-    tl.store(target_ptr + address + offs_c * target_stride_c, total, mask=mask_c & (key < tap_sentinel))
+    tl.store(target_ptr + address + offs_c * target_stride_c, total, mask=mask_c)
 
 
 @triton.jit
-def weight_grad_segments_kernel(segment_keys_ptr, segment_starts_ptr, segment_counts_ptr, order_ptr,
-                                cell_sentinel, cell_grads_ptr, num_outputs, tap_keys_ptr, tap_weights_ptr,
+def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, cell_grads_ptr, num_outputs, tap_keys_ptr, tap_weights_ptr,
                                 tap_sentinel, feature_ptr, stride_b, stride_c, stride_h, stride_w, channels, height,
                                 width, grad_weight_ptr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -440,14 +438,13 @@ def weight_grad_segments_kernel(segment_keys_ptr, segment_starts_ptr, segment_co
     entries sorted by cell key; one program per (cell key, M block, channel block), in a fixed
     order, with ``f(p)`` resampled from the layer's tap entries. ``grad_weight`` is
     ``(NC * KK, M, C)``, contiguous."""
-    segment = tl.program_id(0).to(tl.int64)
+    key = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_m = tl.program_id(2).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_c = offs_c < channels
     mask_m = offs_m < num_outputs
-    key = tl.load(segment_keys_ptr + segment)
-    start = tl.load(segment_starts_ptr + segment)
-    count = tl.where(key < cell_sentinel, tl.load(segment_counts_ptr + segment), 0)
+    start = tl.load(segment_starts_ptr + key)
+    count = tl.load(segment_counts_ptr + key)
     total = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for first in range(0, count, BLOCK_E):
         offs_e = first + tl.arange(0, BLOCK_E)
@@ -466,4 +463,4 @@ def weight_grad_segments_kernel(segment_keys_ptr, segment_starts_ptr, segment_co
                                                 mask=hit[:, None] & mask_c[None, :], other=0.0).to(ACC)
         total += tl.sum(grad[:, :, None] * sample[:, None, :], axis=0)
     out = grad_weight_ptr + (key * num_outputs + offs_m)[:, None] * channels + offs_c[None, :]
-    tl.store(out, total, mask=(key < cell_sentinel) & mask_m[:, None] & mask_c[None, :])
+    tl.store(out, total, mask=mask_m[:, None] & mask_c[None, :])

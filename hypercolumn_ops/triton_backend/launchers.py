@@ -138,16 +138,20 @@ class _TapEntries:
                 points.cells_per_box, points.output_height, points.output_width, batch, height, width, padding,
                 num_classes, self.keys, self.weights, ACC=_TL_DTYPES[acc], IS_BOX=points.is_box,
                 HAS_LABELS=labels is not None, BLOCK_P=blocks.points, num_warps=blocks.warps)
-        self.segments = _segments(self.keys) if deterministic else None
+        self.segments = _segments(self.keys, self.sentinel) if deterministic else None
 
 
-def _segments(keys: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Entries sorted by key (stable, so the order is reproducible) -> (order, segment keys,
-    segment starts, segment counts)."""
-    sorted_keys, order = torch.sort(keys, stable=True)
-    segment_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return order, segment_keys, starts, counts
+def _segments(keys: Tensor, num_keys: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Entries sorted by key (stable, so the order is reproducible) -> (order, segment starts,
+    segment counts), one segment for every key ``0 .. num_keys - 1`` (empty where no entry has it;
+    ``num_keys`` itself, the sentinel, is left out). Bounds come from
+    ``searchsorted`` on the device: no host synchronisation. Keys sort as int32 where they fit."""
+    sort_keys = keys.to(torch.int32) if num_keys <= torch.iinfo(torch.int32).max else keys
+    sorted_keys, order = torch.sort(sort_keys, stable=True)
+    segment_keys = torch.arange(num_keys, dtype=sorted_keys.dtype, device=keys.device)
+    starts = torch.searchsorted(sorted_keys, segment_keys)
+    counts = torch.searchsorted(sorted_keys, segment_keys, right=True) - starts
+    return order, starts, counts
 
 
 class _CellGrads:
@@ -167,7 +171,7 @@ def scatter_to_taps(entries: _TapEntries, points: Points, target: Tensor, channe
     """Adds every point's channel gradients (``mode``, see ``kernels.point_channel_grads``) to its
     four taps in ``target`` ``(B, channels, H, W)`` (zero-filled), by atomics or, with
     ``entries.segments``, deterministically."""
-    if points.count == 0 or channels == 0:
+    if points.count == 0 or target.numel() == 0:
         return
     blocks = _Blocks(channels)
     _, _, height, width = target.shape
@@ -187,10 +191,10 @@ def scatter_to_taps(entries: _TapEntries, points: Points, target: Tensor, channe
             entries.keys, entries.weights, points.count, entries.sentinel, *common, ACC=acc, MODE=mode,
             BLOCK_P=blocks.points, BLOCK_C=blocks.channels, num_warps=blocks.warps)
     else:
-        order, segment_keys, starts, counts = entries.segments
-        grid = (segment_keys.shape[0], _cdiv(channels, blocks.channels))
+        order, starts, counts = entries.segments
+        grid = (starts.shape[0], _cdiv(channels, blocks.channels))
         kernels.scatter_segments_kernel[grid](
-            segment_keys, starts, counts, order, entries.weights, entries.sentinel, *common, ACC=acc, MODE=mode,
+            starts, counts, order, entries.weights, *common, ACC=acc, MODE=mode,
             BLOCK_E=blocks.entries, BLOCK_C=blocks.channels, num_warps=blocks.warps)
 
 
@@ -369,11 +373,11 @@ class FusedOp:
         grad_weight = torch.zeros(self.num_classes * self.cells, self.outputs, channels, dtype=self.acc,
                                   device=feature.device)
         if self.points.count and channels:
-            order, segment_keys, starts, counts = _segments(cell_grads.keys)
+            order, starts, counts = _segments(cell_grads.keys, cell_grads.sentinel)
             blocks = _Blocks(channels, self.outputs)
-            grid = (segment_keys.shape[0], _cdiv(channels, blocks.dot_channels), _cdiv(self.outputs, blocks.outputs))
+            grid = (starts.shape[0], _cdiv(channels, blocks.dot_channels), _cdiv(self.outputs, blocks.outputs))
             kernels.weight_grad_segments_kernel[grid](
-                segment_keys, starts, counts, order, cell_grads.sentinel, cell_grads.grads, self.outputs,
+                starts, counts, order, cell_grads.grads, self.outputs,
                 entries.keys, entries.weights, entries.sentinel, feature, *feature.stride(), channels, height, width,
                 grad_weight, ACC=_TL_DTYPES[self.acc], BLOCK_E=blocks.entries, BLOCK_M=blocks.outputs,
                 BLOCK_C=blocks.dot_channels, num_warps=blocks.warps)
