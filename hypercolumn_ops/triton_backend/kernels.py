@@ -398,12 +398,13 @@ def scatter_cell_grads_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_
 
 
 @triton.jit
-def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr, target_ptr, target_stride_b, target_stride_c, target_stride_h,
-                            target_stride_w, channels, height, width, grad_ptr, grad_stride_row, grad_stride_i,
-                            grad_stride_j, grad_stride_c, cells_per_box, output_width, cell_grads_ptr,
-                            cell_keys_ptr, weight_ptr, weight_stride_nc, weight_stride_k, weight_stride_m,
-                            weight_stride_c, cells, cell_sentinel, num_outputs, ACC: tl.constexpr,
-                            MODE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr, target_ptr,
+                            target_stride_b, target_stride_c, target_stride_h, target_stride_w, channels, height,
+                            width, grad_ptr, grad_stride_row, grad_stride_i, grad_stride_j, grad_stride_c,
+                            cells_per_box, output_width, cell_grads_ptr, cell_keys_ptr, weight_ptr,
+                            weight_stride_nc, weight_stride_k, weight_stride_m, weight_stride_c, cells, cell_sentinel,
+                            num_outputs, ACC: tl.constexpr, MODE: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
     """Deterministic scatter: one program owns one pixel (key ``b * H * W + y * W + x``, its
     segment of the tap entries sorted by key, maybe empty) and a block of channels, sums
     ``tap weight x point_channel_grads`` over the segment in sorted order and stores the pixel's
@@ -429,10 +430,10 @@ def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, t
 
 
 @triton.jit
-def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, cell_grads_ptr, num_outputs, tap_keys_ptr, tap_weights_ptr,
-                                tap_sentinel, feature_ptr, stride_b, stride_c, stride_h, stride_w, channels, height,
-                                width, grad_weight_ptr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, cell_grads_ptr, num_outputs,
+                                tap_keys_ptr, tap_weights_ptr, tap_sentinel, feature_ptr, stride_b, stride_c, stride_h,
+                                stride_w, channels, height, width, grad_weight_ptr, ACC: tl.constexpr,
+                                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradient of one classifier cell's weights of a sample-features layer:
     ``grad_W[label * KK + cell, m, c] = sum_p grad_cell[p, m] * f(p)[c]`` over the (point, cell)
     entries sorted by cell key; one program per (cell key, M block, channel block), in a fixed
