@@ -2,10 +2,10 @@
 
 Run from the repository root: ``compute-sanitizer --tool memcheck python benchmarks/sanitize_cases.py``.
 It calls every operator forward and backward with both evaluation orders, the atomic and the
-deterministic backward, float32 and float16 (wide channels_last loads), both tiles of the fused
-kernel (M = 2 and M = 33), and rows that must not be read: a batch index out of range, a
-non-integer one, a NaN coordinate, an invalid label, points far outside the image. It checks no
-values (the tests do); it exits 0 when every call returned.
+deterministic backward (box grids gathered per pixel and sorted), float32 and float16 (wide
+channels_last loads), both tiles of the fused kernel (M = 2 and M = 33), and rows that must not be
+read: a batch index out of range, a non-integer one, a NaN coordinate, an invalid label, points far
+outside the image. It checks no values (the tests do); it exits 0 when every call returned.
 """
 
 import torch
@@ -49,8 +49,11 @@ def run_all(dtype):
 
     args = public.normalise_sparse_hypercolumn(features, points, image_size=IMAGE, padding="zeros")
     backward(ops.sparse_hypercolumn(*args), features)
-    args = public.normalise_box_hypercolumn(features, boxes, (4, 5), image_size=IMAGE)
-    backward(ops.box_hypercolumn(*args), features)
+    # A 4 x 5 grid and a 1 x 1 one: in deterministic mode, the first layer's backward gathers per
+    # pixel for the first and sorts its taps for the second (more than 64 pixels per grid point).
+    for output_size in ((4, 5), (1, 1)):
+        args = public.normalise_box_hypercolumn(features, boxes, output_size, image_size=IMAGE)
+        backward(ops.box_hypercolumn(*args), features)
     for order in (0, 1):
         args = list(public.normalise_fused_hypercolumn(features, boxes, weights, bias, output_size=(4, 5),
                                                        image_size=IMAGE, labels=box_labels, activation="sigmoid"))

@@ -8,6 +8,7 @@ import torch
 
 import hypercolumn_ops
 from hypercolumn_ops import ops as public
+from hypercolumn_ops import reference
 
 import cases
 
@@ -67,6 +68,39 @@ def wide_load_cases(dtype, device) -> Tuple[List[torch.Tensor], List[cases.Case]
                           {"image_size": cases.IMAGE}, "wide"),
                cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, device, g), (5, 4)),
                           {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")]
+
+
+def check_deterministic_paths(ops, device, order) -> None:
+    """The paths of the deterministic CUDA backward that the shared cases miss. A box grid gathers
+    per pixel while B * H * W <= 64 * oh * ow (kGatherPixelsPerGridPoint in csrc/cuda/common.cuh)
+    and sorts its tap entries otherwise; the shared cases' grids all gather. 1 x 1 grids sort on
+    the first layer (2 x 10 x 12 = 240 pixels) and gather on the others (60 and 18) in one call;
+    their 44 boxes are more than a gather block's 32 threads (thin layers), so it takes them in
+    two chunks. Crowded pixels: 700 of 1,000 points in a 4 x 4 square (sorted) and a 20 x 20 grid of
+    3 boxes (gathered) put more taps on pixels of the 3 x 3 layer than one staged tile (256). ``ops`` (an
+    operator namespace) against the reference in float64, fused layers in ``order``; the same bits
+    twice when deterministic algorithms are on."""
+    g = torch.Generator().manual_seed(11)
+    f = cases.features(torch.float64, device, "channels_last", g, requires_grad=True)
+    boxes = cases.boxes(40, torch.float32, device, g)
+    w = cases.classifier(3, 2, None, torch.float64, device, g, requires_grad=True)
+    crowd = torch.tensor([[0, 0.0, 0.0, 23.0, 19.0], [0, 2.0, 3.0, 20.0, 15.0], [1, 0.0, 0.0, 23.0, 19.0]],
+                         device=device)
+    cluster = torch.rand(700, 3, generator=g) * torch.tensor([0.0, 4.0, 4.0]) + torch.tensor([0.0, 9.0, 7.0])
+    crowded_points = torch.cat([cases.points(300, torch.float32, device, g), cluster.to(device)])
+    for case in (cases.Case("box_hypercolumn", (f, boxes, (1, 1)), {"image_size": cases.IMAGE}, "grid1x1"),
+                 cases.Case("fused_hypercolumn", (f, boxes, w),
+                            dict(output_size=(1, 1), image_size=cases.IMAGE, padding="zeros"), "grid1x1"),
+                 cases.Case("sparse_hypercolumn", (f, crowded_points), {"image_size": cases.IMAGE}, "crowded"),
+                 cases.Case("box_hypercolumn", (f, crowd, (20, 20)), {"image_size": cases.IMAGE}, "crowded")):
+        case_order = order if case.op.startswith("fused") else None
+        inputs = cases.differentiable_inputs(case)
+        actual = forward_and_grads(lambda: run_in_order(case, ops, case_order), inputs)
+        expected = forward_and_grads(lambda: run_in_order(case, reference, case_order), inputs)
+        assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
+        if torch.are_deterministic_algorithms_enabled():
+            again = forward_and_grads(lambda: run_in_order(case, ops, case_order), inputs)
+            assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
 
 def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:

@@ -1,8 +1,8 @@
 """The CUDA kernels of ``csrc/cuda/`` run on the CPU (``cuda_emulation/``), against the reference.
 
 No GPU runs in CI, so this is where the CUDA kernels' logic is checked on every change: indexing,
-strides, shared memory and barriers, the atomic and the deterministic (sorted-segment) backward,
-both evaluation orders of the fused operators, invalid rows. Each block's threads run as real
+strides, shared memory and barriers, the atomic and the deterministic (gathered or sorted per
+pixel) backward, both evaluation orders of the fused operators, invalid rows. Each block's threads run as real
 threads, interleaving arbitrarily. Speed, the GPU's memory model and launch limits are only seen on
 a GPU (tests/test_native_cuda.py, benchmarks/gpu_check.sh).
 """
@@ -16,8 +16,8 @@ import torch
 import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_invalid_rows, forward_and_grads,
-                           run_in_order, wide_load_cases)
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_deterministic_paths,
+                           check_invalid_rows, forward_and_grads, run_in_order, wide_load_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -117,3 +117,10 @@ def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic)
         emulated = forward_and_grads(lambda: run_in_order(case, EMULATED, order), inputs)
         expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
         assert_all_close(emulated, expected, RTOL64, ATOL64, f"{case} order {order}")
+
+
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_emulated_deterministic_paths(order, deterministic):
+    check_deterministic_paths(EMULATED, "cpu", order)

@@ -16,8 +16,8 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_invalid_rows, forward_and_grads,
-                           run_in_order, wide_load_cases)
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_deterministic_paths,
+                           check_invalid_rows, forward_and_grads, run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -78,7 +78,7 @@ def test_fused_orders_match_reference(index, order):
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 @pytest.mark.parametrize("index", FUSED_IDS, ids=[CASE_IDS[i] for i in FUSED_IDS])
 def test_fused_orders_deterministic(index, order):
-    # Each order's deterministic scatter (sorted per-pixel segments; order 1 keeps cuBLAS, which the
+    # Each order's deterministic scatter (per-pixel sums; order 1 keeps cuBLAS, which the
     # package's CUBLAS_WORKSPACE_CONFIG makes reproducible): the reference's values, the same bits twice.
     case64, case32 = cuda_cases(torch.float64)[index], cuda_cases(torch.float32)[index]
     inputs64, inputs32 = cases.differentiable_inputs(case64), cases.differentiable_inputs(case32)
@@ -148,6 +148,11 @@ def test_deterministic_mode(index, deterministic):
         first = forward_and_grads(case, inputs)
         second = forward_and_grads(case, inputs)
     assert_all_close(second, first, 0.0, 0.0, f"{case} run to run")
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_deterministic_paths(order, deterministic):
+    check_deterministic_paths(torch.ops.hypercolumn_ops, "cuda", order)
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)

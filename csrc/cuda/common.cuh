@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <cmath>
@@ -214,10 +215,11 @@ __device__ __forceinline__ void scatter(const MapView<acc_t*>& grad, const Point
 // thread needs (kept in shared memory), `at` gives channel c's gradient.
 //
 // By default scatter_taps_kernel adds with atomics. Under torch.use_deterministic_algorithms(True)
-// the taps of all points become entries (key = the pixel, b * H * W + y * W + x), sorted stably by
-// key and cut into one segment per pixel; scatter_segments_kernel gives each (pixel, channel) to
-// one thread, which sums the pixel's entries in entry order and writes once: no atomics, the same
-// bits on every run.
+// the taps of all points become entries (key = the pixel, b * H * W + y * W + x), radix-sorted
+// stably by key (cub, over the key's bits only); segment_bounds_kernel finds where each pixel's
+// entries begin and end, and scatter_segments_kernel gives each (pixel, channel) to one thread,
+// which sums the pixel's entries in entry order and writes once: no atomics, no host
+// synchronisation, the same bits on every run.
 
 // The output gradient of sparse_hypercolumn / box_hypercolumn at a point's channel.
 template <typename scalar_t, typename acc_t>
@@ -261,12 +263,14 @@ __global__ void __launch_bounds__(kChannelThreads)
   }
 }
 
-// Entry 4 * p + t is tap t (00, 01, 10, 11) of point p on a (height, width) map: its key
+// Entry e = 4 * p + t is tap t (00, 01, 10, 11) of point p on a (height, width) map: its key
 // b * height * width + y * width + x, or src.batch * height * width (the sentinel, sorted last)
-// where it takes no gradient (invalid point, zero weight); and its bilinear weight.
-template <typename acc_t, typename key_t>
+// where it takes no gradient (invalid point, zero weight); its bilinear weight; and e itself, the
+// value the sort carries.
+template <typename acc_t, typename index_t>
 __global__ void tap_entries_kernel(PointSource<acc_t> src, int64_t num_points, int64_t height, int64_t width,
-                                   acc_t scale_y, acc_t scale_x, int64_t padding, key_t* keys, acc_t* weights) {
+                                   acc_t scale_y, acc_t scale_x, int64_t padding, index_t* keys, index_t* entries,
+                                   acc_t* weights) {
   const int64_t sentinel = src.batch * height * width;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_points;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -278,54 +282,231 @@ __global__ void tap_entries_kernel(PointSource<acc_t> src, int64_t num_points, i
     const acc_t weight[4] = {q.w00, q.w01, q.w10, q.w11};
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      keys[4 * p + t] = static_cast<key_t>((pt.valid && weight[t] != acc_t(0)) ? key[t] : sentinel);
+      keys[4 * p + t] = static_cast<index_t>((pt.valid && weight[t] != acc_t(0)) ? key[t] : sentinel);
+      entries[4 * p + t] = static_cast<index_t>(4 * p + t);
       weights[4 * p + t] = weight[t];
     }
   }
 }
 
-// Sorted tap entries cut into segments of one key: segment s holds entries
-// order[starts[s] .. starts[s] + counts[s]) of key keys[s].
+// Keys sorted (`count` of them): pixel k's entries are sorted positions begin[k] .. end[k] - 1.
+// begin and end stay 0 (as zero-filled) for a pixel that no tap reaches.
+template <typename index_t>
+__global__ void segment_bounds_kernel(const index_t* sorted, int64_t count, int64_t sentinel, index_t* begin,
+                                      index_t* end) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < count;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const index_t key = sorted[k];
+    if (key >= sentinel) continue;
+    if (k == 0 || sorted[k - 1] != key) begin[key] = static_cast<index_t>(k);
+    if (k == count - 1 || sorted[k + 1] != key) end[key] = static_cast<index_t>(k + 1);
+  }
+}
+
+// The sorted tap entries of a layer: pixel k's are order[begin[k] .. end[k]).
+template <typename index_t>
 struct SegmentView {
-  const int64_t* keys;
-  const int64_t* starts;
-  const int64_t* counts;
-  const int64_t* order;
-  int64_t sentinel;
+  const index_t* begin;
+  const index_t* end;
+  const index_t* order;  // entry indices 4 * p + t, sorted stably by key
 };
 
-// Block x: one segment (a pixel); block y: a chunk of channels (thread = channel), which the thread
-// alone writes for that pixel.
+// The deterministic blocks (one pixel at a time): threadIdx.x is a channel of the block's chunk,
+// threadIdx.y one of blockDim.y groups that share each staged tile of entries (group g takes
+// entries g, g + blockDim.y, ... in order), so that a pixel reached by thousands of taps (a
+// coarse layer) is summed by many threads even when it has few channels. Each thread sums its
+// share in order; store_pixel then adds the groups' sums in group order: the same bits every run.
+constexpr int kPixelThreads = 256;  // threads of a deterministic block (channel lanes x groups)
+constexpr int kPixelTile = 256;     // entries staged at a time
+
 template <typename acc_t, typename Grads>
-__global__ void __launch_bounds__(kChannelThreads)
-    scatter_segments_kernel(MapView<acc_t*> target, SegmentView segments, const acc_t* entry_weights,
-                            PointSource<acc_t> src, Grads grads) {
-  __shared__ acc_t weight[kTilePoints];
-  __shared__ typename Grads::Staged staged[kTilePoints];
-  const int64_t key = segments.keys[blockIdx.x];
-  if (key >= segments.sentinel) return;  // the whole block: entries that take no gradient
-  const int64_t start = segments.starts[blockIdx.x], count = segments.counts[blockIdx.x];
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  acc_t sum = 0;
-  for (int64_t done = 0; done < count; done += kTilePoints) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kTilePoints), count - done));
-    __syncthreads();  // the previous tile's readers are done with the shared entries
-    for (int t = threadIdx.x; t < n; t += blockDim.x) {
-      const int64_t entry = segments.order[start + done + t];
-      const int64_t p = entry / 4;
-      weight[t] = entry_weights[entry];
-      staged[t] = grads.stage(point_at(src, p), p);
-    }
-    __syncthreads();
-    if (c < target.channels) {
-      for (int t = 0; t < n; ++t) sum += weight[t] * grads.at(staged[t], c);
-    }
+__device__ __forceinline__ void add_tile(acc_t& sum, const acc_t* weight, const typename Grads::Staged* staged, int n,
+                                         const Grads& grads, int64_t c) {
+  for (int t = threadIdx.y; t < n; t += blockDim.y) {
+    if (weight[t] != acc_t(0)) sum += weight[t] * grads.at(staged[t], c);
   }
-  if (c >= target.channels) return;
-  const int64_t pixels = target.height * target.width;
-  const int64_t b = key / pixels, pixel = key - b * pixels;
-  const int64_t y = pixel / target.width, x = pixel - y * target.width;
-  target.data[b * target.stride_b + c * target.stride_c + y * target.stride_y + x * target.stride_x] = sum;
+}
+
+// Called by every thread of the block: adds the groups' sums of channel c in group order and,
+// where `write`, stores the total at pixel (b, y, x). `partial` is shared, kPixelThreads long.
+template <typename acc_t>
+__device__ __forceinline__ void store_pixel(acc_t sum, acc_t* partial, bool write, const MapView<acc_t*>& target,
+                                            int64_t b, int64_t y, int64_t x, int64_t c) {
+  __syncthreads();  // the previous pixel's readers are done with `partial`
+  partial[threadIdx.y * blockDim.x + threadIdx.x] = sum;
+  __syncthreads();
+  if (!write || threadIdx.y != 0 || c >= target.channels) return;
+  acc_t total = 0;
+  for (unsigned g = 0; g < blockDim.y; ++g) total += partial[g * blockDim.x + threadIdx.x];
+  target.data[b * target.stride_b + c * target.stride_c + y * target.stride_y + x * target.stride_x] = total;
+}
+
+// Block x: pixels blockIdx.x, + gridDim.x, ... (b * H * W + y * W + x); block y: a chunk of
+// channels. The pixel's sorted entries, staged kPixelTile at a time.
+template <typename acc_t, typename index_t, typename Grads>
+__global__ void __launch_bounds__(kPixelThreads)
+    scatter_segments_kernel(MapView<acc_t*> target, int64_t pixels, SegmentView<index_t> segments,
+                            const acc_t* entry_weights, PointSource<acc_t> src, Grads grads) {
+  __shared__ acc_t weight[kPixelTile];
+  __shared__ typename Grads::Staged staged[kPixelTile];
+  __shared__ acc_t partial[kPixelThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t per_image = target.height * target.width;
+  for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
+    // Block-uniform: a pixel no tap reaches keeps its zero.
+    const int64_t start = segments.begin[key], count = segments.end[key] - start;
+    acc_t sum = 0;
+    for (int64_t done = 0; done < count; done += kPixelTile) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(kPixelTile), count - done));
+      __syncthreads();  // the previous tile's readers are done with the shared entries
+      for (int t = tid; t < n; t += threads) {
+        const int64_t entry = segments.order[start + done + t];
+        const int64_t p = entry / 4;
+        weight[t] = entry_weights[entry];
+        staged[t] = grads.stage(point_at(src, p), p);
+      }
+      __syncthreads();
+      if (c < target.channels) add_tile(sum, weight, staged, n, grads, c);
+    }
+    const int64_t b = key / per_image, pixel = key - b * per_image;
+    store_pixel(sum, partial, count > 0, target, b, pixel / target.width, pixel % target.width, c);
+  }
+}
+
+// Box grids (box_hypercolumn, fused_hypercolumn) need no sort: the points that tap a pixel follow
+// from the boxes. Grid row i of a box taps map row y only where y is one of its two y taps, and
+// likewise for columns; box_ranges_kernel lists, for every (box, map row), the first and last grid
+// row that does (and for every (box, map column) the grid columns), by trying each grid row. Then
+// gather_box_taps_kernel gives each pixel a block, which walks the boxes in order and, in each, the
+// grid points of its (row range) x (column range) row-major: the order of the entries, unsorted.
+// It recomputes each point's taps and sums those that reach the pixel.
+struct BoxRanges {
+  const int64_t* batch;    // (R): the box's image, or -1 where its batch index or label is not valid
+  const int64_t* rows;     // (R, H, 2): first and last grid row tapping each map row; first > last: none
+  const int64_t* columns;  // (R, W, 2): the same for grid columns and map columns
+};
+
+// Thread (box r, k): k < height finds the grid rows tapping map row k, k >= height the grid columns
+// tapping map column k - height.
+template <typename acc_t>
+__global__ void box_ranges_kernel(PointSource<acc_t> src, int64_t num_rows, int64_t height, int64_t width,
+                                  acc_t scale_y, acc_t scale_x, int64_t padding, int64_t* batch, int64_t* rows,
+                                  int64_t* columns) {
+  const int64_t per_box = height + width;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < num_rows * per_box;
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = index / per_box, k = index - r * per_box;
+    const acc_t* box = src.rows + 5 * r;
+    int64_t b = 0;
+    bool valid = batch_index<acc_t>(box[0], src.batch, &b);
+    if (src.labels != nullptr) valid = valid && src.labels[r] >= 0 && src.labels[r] < src.classes;
+    if (k == 0) batch[r] = valid ? b : -1;
+    const bool along_y = k < height;
+    const int64_t target = along_y ? k : k - height, steps = along_y ? src.grid_h : src.grid_w;
+    int64_t first = steps, last = -1;
+    for (int64_t s = 0; valid && s < steps; ++s) {
+      acc_t x, y, u, v;
+      box_grid_point<acc_t>(box[1], box[2], box[3], box[4], along_y ? s : 0, along_y ? 0 : s, src.grid_h,
+                            src.grid_w, &x, &y, &u, &v);
+      const acc_t coord = along_y ? y : x;
+      if (!is_finite(coord)) continue;  // no valid point on this grid row (column)
+      int64_t lo, hi;
+      acc_t frac;
+      feature_axis<acc_t>(coord, along_y ? scale_y : scale_x, along_y ? height : width, padding, &lo, &hi, &frac);
+      if (lo == target || hi == target) {
+        first = min(first, s);
+        last = s;
+      }
+    }
+    int64_t* range = along_y ? rows + 2 * (r * height + target) : columns + 2 * (r * width + target);
+    range[0] = first;
+    range[1] = last;
+  }
+}
+
+// Block x: pixels blockIdx.x, + gridDim.x, ...; block y: a chunk of channels. The block takes the
+// boxes one per thread at a time: each thread counts one box's candidate points for the pixel, a
+// scan turns the counts into offsets, then the candidates are staged kPixelTile at a time (taps
+// recomputed, the weight reaching this pixel) and summed in order.
+template <typename acc_t, typename Grads>
+__global__ void __launch_bounds__(kPixelThreads)
+    gather_box_taps_kernel(MapView<acc_t*> target, int64_t pixels, int64_t num_rows, BoxRanges ranges,
+                           PointSource<acc_t> src, acc_t scale_y, acc_t scale_x, int64_t padding, Grads grads) {
+  __shared__ int64_t offset[kPixelThreads + 1];  // candidates before box k of the chunk, then the total
+  __shared__ int64_t first_i[kPixelThreads], first_j[kPixelThreads], span_j[kPixelThreads];
+  __shared__ acc_t weight[kPixelTile];
+  __shared__ typename Grads::Staged staged[kPixelTile];
+  __shared__ acc_t partial[kPixelThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t per_image = target.height * target.width, cells = src.grid_h * src.grid_w;
+  for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
+    const int64_t b = key / per_image, pixel = key - b * per_image;
+    const int64_t y = pixel / target.width, x = pixel - y * target.width;
+    acc_t sum = 0;
+    bool reached = false;  // block-uniform: some candidate point exists
+    for (int64_t r0 = 0; r0 < num_rows; r0 += threads) {
+      const int boxes = static_cast<int>(min(static_cast<int64_t>(threads), num_rows - r0));
+      __syncthreads();  // the previous chunk's readers are done with the shared arrays
+      int64_t count = 0;
+      if (tid < boxes && ranges.batch[r0 + tid] == b) {
+        const int64_t* rows = ranges.rows + 2 * ((r0 + tid) * target.height + y);
+        const int64_t* columns = ranges.columns + 2 * ((r0 + tid) * target.width + x);
+        if (rows[0] <= rows[1] && columns[0] <= columns[1]) {
+          first_i[tid] = rows[0];
+          first_j[tid] = columns[0];
+          span_j[tid] = columns[1] - columns[0] + 1;
+          count = (rows[1] - rows[0] + 1) * span_j[tid];
+        }
+      }
+      offset[tid + 1] = count;
+      if (tid == 0) offset[0] = 0;
+      for (int stride = 1; stride < threads; stride *= 2) {  // inclusive scan of offset[1 ..]
+        __syncthreads();
+        const int64_t before = tid >= stride ? offset[tid + 1 - stride] : 0;
+        __syncthreads();
+        offset[tid + 1] += before;
+      }
+      __syncthreads();
+      const int64_t total = offset[boxes];
+      reached = reached || total > 0;
+      for (int64_t done = 0; done < total; done += kPixelTile) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(kPixelTile), total - done));
+        __syncthreads();  // the previous tile's readers are done with the shared entries
+        for (int t = tid; t < n; t += threads) {
+          const int64_t e = done + t;
+          int lo = 0, hi = boxes;  // the box k with offset[k] <= e < offset[k + 1]
+          while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (offset[mid + 1] <= e) {
+              lo = mid + 1;
+            } else {
+              hi = mid;
+            }
+          }
+          const int64_t local = e - offset[lo];
+          const int64_t i = first_i[lo] + local / span_j[lo], j = first_j[lo] + local % span_j[lo];
+          const int64_t p = (r0 + lo) * cells + i * src.grid_w + j;
+          const Point<acc_t> pt = point_at(src, p);
+          acc_t w = 0;
+          if (pt.valid) {
+            const BilinearTaps<acc_t> q =
+                bilinear_taps<acc_t>(pt.x, pt.y, scale_y, scale_x, target.height, target.width, padding);
+            if (q.y0 == y && q.x0 == x) w += q.w00;
+            if (q.y0 == y && q.x1 == x) w += q.w01;
+            if (q.y1 == y && q.x0 == x) w += q.w10;
+            if (q.y1 == y && q.x1 == x) w += q.w11;
+          }
+          weight[t] = w;
+          staged[t] = grads.stage(pt, p);
+        }
+        __syncthreads();
+        if (c < target.channels) add_tile(sum, weight, staged, n, grads, c);
+      }
+    }
+    store_pixel(sum, partial, reached, target, b, y, x, c);
+  }
 }
 
 // ----------------------------------------------------------------------------- host helpers
@@ -427,56 +608,103 @@ inline at::Tensor feature_grad(const at::Tensor& feature, const at::Tensor& buff
   return at::empty_like(feature).copy_(buffer);
 }
 
-// The tap entries of one layer, sorted by key (stable: equal keys keep entry order, so each sum
-// runs in one fixed order) and cut into segments of one key.
-struct TapSegments {
-  at::Tensor weights, keys, starts, counts, order;
-  int64_t sentinel = 0;
+// A deterministic launch: a block per pixel (grid-stride past 2^31 - 1) and channel chunk, of
+// `threads` channel lanes times a power of two of entry groups: about one group per 32 taps a
+// pixel takes on average (4 * num_points / pixels), at most kPixelThreads threads. Fine layers
+// get small blocks, many per SM; coarse ones, whose pixels take thousands of taps, get 256 threads.
+inline dim3 pixel_grid(int64_t pixels, int64_t chunks) {
+  return dim3(static_cast<unsigned>(std::min<int64_t>(pixels, std::numeric_limits<int32_t>::max())),
+              static_cast<unsigned>(chunks));
+}
 
-  SegmentView view() const {
-    return {keys.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
-            order.data_ptr<int64_t>(), sentinel};
-  }
-};
+inline dim3 pixel_block(int threads, int64_t num_points, int64_t pixels) {
+  const int64_t taps_per_pixel = ceil_div(4 * num_points, std::max<int64_t>(pixels, 1));
+  int groups = 1;
+  while (2 * groups * threads <= kPixelThreads && 32 * groups < taps_per_pixel) groups *= 2;
+  return dim3(threads, groups);
+}
 
-template <typename acc_t, typename key_t>
-at::Tensor tap_keys(const PointSource<acc_t>& src, int64_t num_points, int64_t height, int64_t width, acc_t scale_y,
-                    acc_t scale_x, int64_t padding, const at::Tensor& weights) {
-  const at::Tensor keys =
-      at::empty({4 * num_points}, weights.options().dtype(c10::CppTypeToScalarType<key_t>::value));
+// Sorts `count` (key, value) pairs by the low `bits` bits of the key, stably (cub's radix sort: as
+// many passes as the bits need, about two for a feature map of up to 2^16 pixels).
+template <typename index_t>
+void radix_sort_pairs(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& sorted_keys,
+                      const at::Tensor& sorted_values, int64_t count, int bits) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.data_ptr<index_t>(),
+                                                 sorted_keys.data_ptr<index_t>(), values.data_ptr<index_t>(),
+                                                 sorted_values.data_ptr<index_t>(), count, 0, bits, stream));
+  const at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys.data_ptr<index_t>(),
+                                                 sorted_keys.data_ptr<index_t>(), values.data_ptr<index_t>(),
+                                                 sorted_values.data_ptr<index_t>(), count, 0, bits, stream));
+}
+
+// The deterministic scatter: the taps of every point become entries, sorted stably by pixel; each
+// (pixel, channel) is one thread's ordered sum. No host synchronisation: segment bounds are found
+// on the device and every pixel gets a block (one without taps returns at once).
+template <typename acc_t, typename index_t, typename Grads>
+void scatter_sorted_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, const PointSource<acc_t>& src,
+                         int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads,
+                         int threads, int64_t chunks) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t count = 4 * num_points, pixels = src.batch * target.height * target.width;
+  const auto index_options = buffer.options().dtype(c10::CppTypeToScalarType<index_t>::value);
+  const at::Tensor keys = at::empty({count}, index_options), entries = at::empty({count}, index_options);
+  const at::Tensor weights = at::empty({count}, buffer.options());
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(num_points, 256), 65535));
-  tap_entries_kernel<acc_t, key_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      src, num_points, height, width, scale_y, scale_x, padding, keys.data_ptr<key_t>(), weights.data_ptr<acc_t>());
+  tap_entries_kernel<acc_t, index_t><<<blocks, 256, 0, stream>>>(
+      src, num_points, target.height, target.width, scale_y, scale_x, padding, keys.data_ptr<index_t>(),
+      entries.data_ptr<index_t>(), weights.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return keys;
+  const at::Tensor sorted_keys = at::empty({count}, index_options), order = at::empty({count}, index_options);
+  int bits = 1;  // of the largest key, the sentinel `pixels`
+  while (bits < 63 && (pixels >> bits) != 0) ++bits;
+  radix_sort_pairs<index_t>(keys, entries, sorted_keys, order, count, bits);
+  const at::Tensor begin = at::zeros({pixels}, index_options), end = at::zeros({pixels}, index_options);
+  const int bound_blocks = static_cast<int>(std::min<int64_t>(ceil_div(count, 256), 65535));
+  segment_bounds_kernel<index_t><<<bound_blocks, 256, 0, stream>>>(
+      sorted_keys.data_ptr<index_t>(), count, pixels, begin.data_ptr<index_t>(), end.data_ptr<index_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const SegmentView<index_t> segments{begin.data_ptr<index_t>(), end.data_ptr<index_t>(), order.data_ptr<index_t>()};
+  const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
+  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, block, 0, stream>>>(
+      target, pixels, segments, weights.data_ptr<acc_t>(), src, grads);
 }
 
-// The tap entries of `map`'s layer (B, C, H, W), sorted and cut into segments. Keys are sorted as
-// int32 where they fit (half the radix-sort passes of int64).
-template <typename acc_t>
-TapSegments tap_segments(const PointSource<acc_t>& src, int64_t num_points, const at::Tensor& map, acc_t scale_y,
-                         acc_t scale_x, int64_t padding) {
-  const int64_t height = map.size(2), width = map.size(3);
-  TapSegments s;
-  s.sentinel = src.batch * height * width;
-  s.weights = at::empty({4 * num_points}, map.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const at::Tensor keys =
-      s.sentinel <= std::numeric_limits<int32_t>::max()
-          ? tap_keys<acc_t, int32_t>(src, num_points, height, width, scale_y, scale_x, padding, s.weights)
-          : tap_keys<acc_t, int64_t>(src, num_points, height, width, scale_y, scale_x, padding, s.weights);
-  at::Tensor sorted, segment_keys;
-  std::tie(sorted, s.order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  std::tie(segment_keys, std::ignore, s.counts) =
-      at::unique_consecutive(sorted, /*return_inverse=*/false, /*return_counts=*/true);
-  s.keys = segment_keys.to(at::kLong);
-  s.starts = at::cumsum(s.counts, 0) - s.counts;
-  TORCH_CHECK(s.keys.size(0) <= std::numeric_limits<int32_t>::max(), "too many gradient pixels for one launch");
-  return s;
+// The deterministic scatter of a box grid: box_ranges_kernel, then one gather per pixel.
+template <typename acc_t, typename Grads>
+void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, const PointSource<acc_t>& src,
+                     int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads,
+                     int threads, int64_t chunks) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t num_rows = num_points / (src.grid_h * src.grid_w);
+  const int64_t pixels = src.batch * target.height * target.width;
+  const auto options = buffer.options().dtype(at::kLong);
+  const at::Tensor batch = at::empty({num_rows}, options);
+  const at::Tensor rows = at::empty({num_rows, target.height, 2}, options);
+  const at::Tensor columns = at::empty({num_rows, target.width, 2}, options);
+  const int64_t range_threads = num_rows * (target.height + target.width);
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(range_threads, 256), 65535));
+  box_ranges_kernel<acc_t><<<blocks, 256, 0, stream>>>(src, num_rows, target.height, target.width, scale_y, scale_x,
+                                                       padding, batch.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
+                                                       columns.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const BoxRanges ranges{batch.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>()};
+  const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
+  gather_box_taps_kernel<acc_t, Grads><<<grid, block, 0, stream>>>(
+      target, pixels, num_rows, ranges, src, scale_y, scale_x, padding, grads);
 }
+
+// A box grid's deterministic backward gathers per pixel while the map has at most this many pixels
+// per grid point of one box (B * H * W <= 64 * oh * ow): its blocks look at every box for every
+// pixel (B * H * W * R box tests), where the sort moves 4 * R * oh * ow entries a few times. Not
+// yet measured on a GPU: a count of the work, to be checked by benchmarks/gpu_check.sh.
+constexpr int64_t kGatherPixelsPerGridPoint = 64;
 
 // Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W, any strides;
-// zero-filled): with atomics, or when `deterministic` by sorted per-pixel segments, each (pixel,
-// channel) summed by one thread in entry order.
+// zero-filled): with atomics, or when `deterministic` per pixel (box grids gathered, or sorted
+// entries), each (pixel, channel) summed by one thread in entry order.
 template <typename acc_t, typename Grads>
 void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
                      acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
@@ -487,11 +715,18 @@ void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, in
   const int64_t chunks = ceil_div(channels, threads);
   check_grid_y(chunks, "features");
   const MapView<acc_t*> target = map_view<acc_t>(buffer);
-  if (deterministic) {
-    const TapSegments segments = tap_segments<acc_t>(src, num_points, buffer, scale_y, scale_x, padding);
-    const dim3 grid(static_cast<unsigned>(segments.keys.size(0)), static_cast<unsigned>(chunks));
-    scatter_segments_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(
-        target, segments.view(), segments.weights.data_ptr<acc_t>(), src, grads);
+  const int64_t pixels = src.batch * buffer.size(2) * buffer.size(3);
+  if (deterministic && src.grid_h > 0 && pixels <= kGatherPixelsPerGridPoint * src.grid_h * src.grid_w) {
+    gather_box_taps<acc_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads, chunks);
+  } else if (deterministic) {
+    // int32 keys and entry indices where they fit: half the bytes the sort moves.
+    if (4 * num_points <= std::numeric_limits<int32_t>::max() && pixels <= std::numeric_limits<int32_t>::max()) {
+      scatter_sorted_taps<acc_t, int32_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads,
+                                          chunks);
+    } else {
+      scatter_sorted_taps<acc_t, int64_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads,
+                                          chunks);
+    }
   } else {
     const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
     scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(target, src, num_points, scale_y, scale_x,

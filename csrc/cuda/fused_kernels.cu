@@ -17,9 +17,9 @@
 //            which at::sum then adds;
 //   order 1: scatters the score gradients onto a score-map gradient and lets cuBLAS form the
 //            feature and weight gradients.
-// The scatters use atomics by default; under torch.use_deterministic_algorithms(True) they sum
-// sorted per-pixel segments instead, in a fixed order, and order 1 stays where cuBLAS is
-// reproducible (CUBLAS_WORKSPACE_CONFIG). Deterministic mode never raises.
+// The scatters use atomics by default; under torch.use_deterministic_algorithms(True) each pixel's
+// contributions are summed in a fixed order instead (scatter_to_taps, common.cuh), and order 1
+// stays where cuBLAS is reproducible (CUBLAS_WORKSPACE_CONFIG). Deterministic mode never raises.
 #include <torch/library.h>
 
 #include <cstdlib>

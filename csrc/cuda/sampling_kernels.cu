@@ -6,8 +6,8 @@
 // strides allow; any other strides are read in place, never copied.
 //
 // Backward scatters each sample's gradient onto its taps (scatter_to_taps in common.cuh: atomics,
-// or sorted per-pixel segments under torch.use_deterministic_algorithms(True)) into float32 (float64)
-// buffers, converted to the features' dtype at the end.
+// or per-pixel sums in a fixed order under torch.use_deterministic_algorithms(True)) into float32
+// (float64) buffers, converted to the features' dtype at the end.
 #include <torch/library.h>
 
 #include "common.cuh"

@@ -3,7 +3,8 @@
 The sources are copied with a few mechanical rewrites (nothing else in them changes):
 
 - ``kernel<<<grid, block, shared, stream>>>(args)`` -> ``hc_emulation::launch(grid, block, kernel, args)``;
-- the ATen/c10 CUDA headers -> ``cuda_emulation.h`` (streams, guards, atomics, launch checks);
+- the ATen/c10 CUDA headers and cub's -> ``cuda_emulation.h`` (streams, guards, atomics, launch
+  checks, cub's radix sort);
 - ``.is_cuda()`` -> ``.is_cpu()`` (the emulated kernels take CPU tensors);
 - the operators are registered as ``torch.ops.hypercolumn_ops_cuda_emulated`` for CPU tensors
   (``csrc/ops.cpp``'s schema under that name), beside the real ``hypercolumn_ops``.
@@ -19,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAMESPACE = "hypercolumn_ops_cuda_emulated"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.DOTALL)
-_CUDA_INCLUDE = re.compile(r'#include <(?:ATen/cuda|c10/cuda)/[^>]+>\n')
+_CUDA_INCLUDE = re.compile(r'#include <(?:ATen/cuda|c10/cuda|cub)/[^>]+>\n')
 
 
 def _launch(match: re.Match) -> str:

@@ -13,8 +13,10 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -34,6 +36,7 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
   } while (0)
+#define C10_CUDA_CHECK(error) TORCH_CHECK((error) == 0, "emulated CUDA call failed")
 
 template <typename T>
 inline T min(T a, T b) {
@@ -129,3 +132,30 @@ struct CUDAGuard {
 };
 }  // namespace cuda
 }  // namespace c10
+
+// cub's radix sort as its documentation specifies it: (key, value) pairs ordered by bits
+// [begin_bit, end_bit) of the key alone, stably; a first call without storage asks its size.
+namespace cub {
+struct DeviceRadixSort {
+  template <typename KeyT, typename ValueT, typename NumItemsT, typename StreamT>
+  static int SortPairs(void* temp_storage, size_t& temp_storage_bytes, const KeyT* keys_in, KeyT* keys_out,
+                       const ValueT* values_in, ValueT* values_out, NumItemsT num_items, int begin_bit, int end_bit,
+                       StreamT) {
+    if (temp_storage == nullptr) {
+      temp_storage_bytes = 1;
+      return 0;
+    }
+    const int width = end_bit - begin_bit;
+    const uint64_t mask = width >= 64 ? ~uint64_t(0) : (uint64_t(1) << width) - 1;
+    const auto digits = [&](int64_t i) { return (static_cast<uint64_t>(keys_in[i]) >> begin_bit) & mask; };
+    std::vector<int64_t> order(static_cast<size_t>(num_items));
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return digits(a) < digits(b); });
+    for (size_t k = 0; k < order.size(); ++k) {
+      keys_out[k] = keys_in[order[k]];
+      values_out[k] = values_in[order[k]];
+    }
+    return 0;
+  }
+};
+}  // namespace cub
