@@ -2,7 +2,8 @@
 and metric (Hariharan et al., CVPR 2015, Sections 4-6).
 
 - :class:`FigureGroundTask`: a mask inside each detection box; class-specific classifiers picked
-  by the box's label, sigmoid per classifier cell, per-pixel log loss; mean IoU over boxes.
+  by the box's label, sigmoid per classifier cell, per-pixel log loss; mean IoU over boxes, and
+  AP^r over detections with :class:`MaskAveragePrecision`.
 - :class:`KeypointTask`: one heat map per keypoint in each person box; per-pixel log loss
   against a disc around the keypoint; the arg-max decodes it; PCK.
 - :class:`PartTask`: a part label per pixel of each box (softmax over parts and background);
@@ -107,6 +108,98 @@ def iou_per_class(confusion: Tensor) -> Tensor:
     intersection = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - intersection
     return intersection / union
+
+
+class MaskAveragePrecision:
+    """AP^r, the average precision of instance masks (Hariharan et al., ECCV 2014; the paper's
+    figure-ground score), per category at one or more mask-IoU thresholds.
+
+    Feed it one image at a time (:meth:`update`), then :meth:`compute`. In each image the
+    detections are taken in decreasing score (ties in the given order); a detection is a true
+    positive when its best-overlapping ground-truth mask of the same category (the highest mask
+    IoU, the first on ties) reaches the threshold and no earlier detection took that mask, else a
+    false positive, as in PASCAL VOC. AP is the area under the precision-recall curve with
+    precision made non-increasing (VOC 2010 on), over all detections of the category in all
+    images.
+
+    Args:
+        num_classes: categories ``0 .. num_classes - 1``.
+        iou_thresholds: the mask-IoU thresholds (AP^r at 0.5 and 0.7 in the papers).
+    """
+
+    def __init__(self, num_classes: int, iou_thresholds: Sequence[float] = (0.5, 0.7)):
+        if num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive count, got {num_classes}")
+        self.num_classes = num_classes
+        self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
+        self._scores: list = []     # per image: (D,) float64 scores
+        self._labels: list = []     # per image: (D,) int64 categories
+        self._positive: list = []   # per image: (T, D) bool, true positive at each threshold
+        self._ground_truth = torch.zeros(num_classes, dtype=torch.int64)
+
+    def update(self, masks: Tensor, scores: Tensor, labels: Tensor, target_masks: Tensor,
+               target_labels: Tensor) -> None:
+        """Adds one image: detections ``masks`` ``(D, H, W)`` (bool, or anything with zero as
+        background), ``scores`` ``(D,)``, ``labels`` ``(D,)``; ground truth ``target_masks``
+        ``(G, H, W)`` and ``target_labels`` ``(G,)``."""
+        if masks.dim() != 3 or target_masks.dim() != 3 or masks.shape[1:] != target_masks.shape[1:]:
+            raise ValueError(f"masks, target_masks: expected (D, H, W) and (G, H, W) of one image size, got "
+                             f"{tuple(masks.shape)} and {tuple(target_masks.shape)}")
+        if scores.shape != (masks.shape[0],) or labels.shape != (masks.shape[0],):
+            raise ValueError(f"scores, labels: expected ({masks.shape[0]},) each, got {tuple(scores.shape)} and "
+                             f"{tuple(labels.shape)}")
+        if target_labels.shape != (target_masks.shape[0],):
+            raise ValueError(f"target_labels: expected ({target_masks.shape[0]},), got {tuple(target_labels.shape)}")
+        for name, values in (("labels", labels), ("target_labels", target_labels)):
+            if values.numel() and (values.min() < 0 or values.max() >= self.num_classes):
+                raise ValueError(f"{name}: expected categories in [0, {self.num_classes}), got "
+                                 f"{values.min().item()} .. {values.max().item()}")
+        labels, target_labels = labels.long().cpu(), target_labels.long().cpu()
+        order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+        pred = masks.bool().flatten(1)[order].float()
+        truth = target_masks.bool().flatten(1).float()
+        intersection = (pred @ truth.T).cpu().double()  # (D, G)
+        union = pred.sum(1).cpu().double()[:, None] + truth.sum(1).cpu().double()[None] - intersection
+        iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union))
+        labels = labels[order]
+        iou = iou.masked_fill(labels[:, None] != target_labels[None], -1.0)  # other categories never match
+        positive = torch.zeros(len(self.iou_thresholds), len(order), dtype=torch.bool)
+        if target_labels.numel():
+            best, match = iou.max(dim=1)
+            for t, threshold in enumerate(self.iou_thresholds):
+                taken = torch.zeros(target_labels.numel(), dtype=torch.bool)
+                for d in range(len(order)):
+                    if best[d] >= threshold and not taken[match[d]]:
+                        taken[match[d]] = True
+                        positive[t, d] = True
+        self._scores.append(scores.double().cpu()[order])
+        self._labels.append(labels)
+        self._positive.append(positive)
+        self._ground_truth += torch.bincount(target_labels, minlength=self.num_classes)
+
+    def compute(self) -> Tensor:
+        """``(T, num_classes)`` float64 AP per threshold and category; NaN for a category with no
+        ground truth. ``compute().nanmean(1)`` is the mean AP at each threshold."""
+        thresholds = len(self.iou_thresholds)
+        ap = torch.full((thresholds, self.num_classes), float("nan"), dtype=torch.float64)
+        if not self._scores:
+            return ap
+        scores, labels = torch.cat(self._scores), torch.cat(self._labels)
+        positive = torch.cat(self._positive, dim=1)
+        for k in range(self.num_classes):
+            if self._ground_truth[k] == 0:
+                continue
+            mine = labels == k
+            order = torch.sort(scores[mine], descending=True, stable=True).indices
+            for t in range(thresholds):
+                true = positive[t, mine][order].double().cumsum(0)
+                precision = true / torch.arange(1, len(order) + 1, dtype=torch.float64)
+                recall = true / self._ground_truth[k].double()
+                # Non-increasing precision, then the area under the recall steps.
+                envelope = precision.flip(0).cummax(0).values.flip(0)
+                steps = torch.diff(recall, prepend=recall.new_zeros(1))
+                ap[t, k] = (envelope * steps).sum()
+        return ap
 
 
 class FigureGroundTask(nn.Module):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hypercolumn_ops
-from hypercolumn_ops.tasks import (FigureGroundTask, KeypointTask, PartTask, box_grid_targets, confusion_matrix,
-                                   iou_per_class, paste_box_grids)
+from hypercolumn_ops.tasks import (FigureGroundTask, KeypointTask, MaskAveragePrecision, PartTask, box_grid_targets,
+                                   confusion_matrix, iou_per_class, paste_box_grids)
 
 BACKENDS = hypercolumn_ops.available_backends("cpu")
 
@@ -161,3 +161,82 @@ def test_confusion_and_iou():
     iou = iou_per_class(confusion)
     assert iou[:3].tolist() == [1 / 3, 2 / 3, 0.0]
     assert iou[3].isnan()  # absent from both: left out of means
+
+
+def _square_masks(corners, size=10):
+    """Boolean masks ``(len(corners), size, size)``, mask ``n`` the square ``[x0, x1) x [y0, y1)``
+    of ``corners[n] = (x0, y0, x1, y1)``."""
+    masks = torch.zeros(len(corners), size, size, dtype=torch.bool)
+    for n, (x0, y0, x1, y1) in enumerate(corners):
+        masks[n, y0:y1, x0:x1] = True
+    return masks
+
+
+def test_mask_ap_perfect_detections_score_one():
+    truth = _square_masks([(0, 0, 4, 4), (5, 5, 9, 9), (0, 6, 3, 9)])
+    labels = torch.tensor([0, 1, 0])
+    ap = MaskAveragePrecision(3)
+    ap.update(truth, torch.tensor([0.3, 0.9, 0.5]), labels, truth, labels)
+    result = ap.compute()
+    assert result.shape == (2, 3)
+    assert torch.equal(result[:, :2], torch.ones(2, 2, dtype=torch.float64))
+    assert result[:, 2].isnan().all()  # category 2 has no ground truth
+
+
+def test_mask_ap_by_hand():
+    # One category, two true masks in two images. Detections in score order: 0.9 hits mask A
+    # (IoU 1), 0.8 is a duplicate of A (false positive), 0.7 overlaps mask B with IoU 12/16 =
+    # 0.75, 0.6 has no mask to hit. Precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1: the
+    # area under the non-increasing envelope is 1/2 * 1 + 1/2 * 2/3.
+    ap = MaskAveragePrecision(1, iou_thresholds=(0.5, 0.8))
+    a, b = _square_masks([(0, 0, 4, 4)]), _square_masks([(2, 2, 6, 6)])
+    ap.update(_square_masks([(0, 0, 4, 4), (0, 0, 4, 4)]), torch.tensor([0.9, 0.8]), torch.tensor([0, 0]),
+              a, torch.tensor([0]))
+    ap.update(_square_masks([(2, 3, 6, 6), (7, 7, 9, 9)]), torch.tensor([0.7, 0.6]), torch.tensor([0, 0]),
+              b, torch.tensor([0]))
+    result = ap.compute()
+    torch.testing.assert_close(result[0, 0].item(), 0.5 + 0.5 * 2 / 3, rtol=0, atol=1e-12)
+    # At 0.8 the 0.7 detection misses too: recall stops at 1/2.
+    torch.testing.assert_close(result[1, 0].item(), 0.5, rtol=0, atol=1e-12)
+
+
+def test_mask_ap_matches_within_category_and_image():
+    # A detection of the wrong category, or of the right mask in another image, is a false
+    # positive; a missed true mask lowers recall.
+    ap = MaskAveragePrecision(2, iou_thresholds=(0.5,))
+    square = _square_masks([(1, 1, 5, 5)])
+    ap.update(square, torch.tensor([0.9]), torch.tensor([1]), square, torch.tensor([0]))
+    ap.update(square, torch.tensor([0.8]), torch.tensor([0]), square[:0], torch.tensor([], dtype=torch.long))
+    ap.update(square[:0], torch.tensor([]), torch.tensor([], dtype=torch.long), square, torch.tensor([0]))
+    result = ap.compute()
+    assert result[0, 0].item() == 0.0  # two true masks of category 0, its one detection in the wrong image
+    assert result[0, 1].isnan()  # category 1: a detection, no ground truth
+
+
+def test_mask_ap_ranks_across_images_by_score():
+    # Detections are ranked by score over all images, not in the order the images came.
+    ap = MaskAveragePrecision(1, iou_thresholds=(0.5,))
+    square, other = _square_masks([(1, 1, 5, 5)]), _square_masks([(6, 6, 9, 9)])
+    ap.update(other, torch.tensor([0.4]), torch.tensor([0]), square, torch.tensor([0]))
+    ap.update(square, torch.tensor([0.9]), torch.tensor([0]), square, torch.tensor([0]))
+    # Ranking 0.9 (hit), 0.4 (miss): precision 1 at recall 1/2, the second true mask never found.
+    torch.testing.assert_close(ap.compute()[0, 0].item(), 0.5, rtol=0, atol=1e-12)
+    swapped = MaskAveragePrecision(1, iou_thresholds=(0.5,))
+    swapped.update(other, torch.tensor([0.95]), torch.tensor([0]), square, torch.tensor([0]))
+    swapped.update(square, torch.tensor([0.9]), torch.tensor([0]), square, torch.tensor([0]))
+    # Ranking 0.95 (miss), 0.9 (hit): precision 1/2 at recall 1/2.
+    torch.testing.assert_close(swapped.compute()[0, 0].item(), 0.25, rtol=0, atol=1e-12)
+
+
+def test_mask_ap_rejects_bad_arguments():
+    ap = MaskAveragePrecision(2)
+    square = _square_masks([(1, 1, 5, 5)])
+    with pytest.raises(ValueError, match="target_labels"):
+        ap.update(square, torch.tensor([0.5]), torch.tensor([0]), square, torch.tensor([2]))
+    with pytest.raises(ValueError, match="scores, labels"):
+        ap.update(square, torch.tensor([0.5, 0.1]), torch.tensor([0]), square, torch.tensor([0]))
+    with pytest.raises(ValueError, match="one image size"):
+        ap.update(square, torch.tensor([0.5]), torch.tensor([0]), _square_masks([(1, 1, 5, 5)], size=12),
+                  torch.tensor([0]))
+    with pytest.raises(ValueError, match="num_classes"):
+        MaskAveragePrecision(0)
