@@ -11,7 +11,7 @@ place them, the stride-2 layer can.
     python examples/train_hypercolumns.py --task figure-ground
     torchrun --nproc_per_node 2 examples/train_hypercolumns.py --task parts --steps 200
 
-Prints a Markdown table of the task's metric for both models and writes it, with a PNG of
+Prints a Markdown table of the task's metrics for both models and writes it, with a PNG of
 predictions beside the ground truth, to ``--out-dir``. Under ``torchrun`` it trains with
 DistributedDataParallel (gloo on CPU, nccl on GPU); every rank draws different images
 (DistributedSampler) and only rank 0 prints, evaluates and writes.
@@ -38,13 +38,14 @@ from tqdm import tqdm
 
 import hypercolumn_ops
 from hypercolumn_ops.models import HypercolumnFeatures, small_backbone
-from hypercolumn_ops.tasks import FigureGroundTask, KeypointTask, PartTask
+from hypercolumn_ops.tasks import FigureGroundTask, KeypointTask, MaskAveragePrecision, PartTask
 
 NUM_CLASSES = 3  # body shapes: ellipse, square, diamond
 NUM_KEYPOINTS = 4  # limb tips: up, right, down, left
 NUM_PARTS = 5  # body, limb up, right, down, left
 TASKS = ("figure-ground", "keypoints", "parts")
-METRIC_NAMES = {"figure-ground": "mean IoU", "keypoints": "PCK@0.1", "parts": "mean part IoU"}
+METRIC_NAMES = {"figure-ground": ("mean IoU", "AP^r 0.5", "AP^r 0.7"), "keypoints": ("PCK@0.1",),
+                "parts": ("mean part IoU",)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -211,25 +212,37 @@ class HypercolumnModel(nn.Module):
         return self.head.decode(output, boxes, image_size)
 
 
-def evaluate(model: HypercolumnModel, loader: DataLoader, device: torch.device) -> float:
-    """The task's metric over the whole loader (figure-ground: mean over boxes; keypoints: over
-    visible keypoints; parts: IoU pooled over all pixels)."""
+def evaluate(model: HypercolumnModel, loader: DataLoader, device: torch.device) -> List[float]:
+    """The task's metrics (METRIC_NAMES) over the whole loader. Figure-ground: mask IoU averaged
+    over boxes, and AP^r at mask IoU 0.5 and 0.7 over categories, the boxes taken as detections
+    scored by their mask's mean foreground probability. Keypoints: PCK over visible keypoints.
+    Parts: part IoU pooled over all pixels."""
     model.eval()
     predictions, truths, all_boxes = [], [], []
+    average_precision = MaskAveragePrecision(NUM_CLASSES)
     with torch.no_grad():
         for batch in loader:
             boxes = batch["boxes"].to(device)
             output = model(batch["image"].to(device), boxes, batch["labels"].to(device))
-            predictions.append(model.decode(output, boxes, batch["image"].shape[-2:]).cpu())
+            decoded = model.decode(output, boxes, batch["image"].shape[-2:]).cpu()
+            predictions.append(decoded)
             truths.append(batch[{"figure-ground": "masks", "keypoints": "keypoints", "parts": "parts"}[model.task]])
             all_boxes.append(batch["boxes"])
+            if model.task == "figure-ground":
+                foreground = (output >= 0.5).float()
+                scores = ((output * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp(min=1)).cpu()
+                image = batch["boxes"][:, 0]
+                for index in image.unique():
+                    mine = image == index
+                    average_precision.update(decoded[mine], scores[mine], batch["labels"][mine],
+                                             batch["masks"][mine], batch["labels"][mine])
     model.train()
     predicted, truth, boxes = torch.cat(predictions), torch.cat(truths), torch.cat(all_boxes)
     if model.task == "figure-ground":
-        return model.head.metric(predicted, truth).mean().item()
+        return [model.head.metric(predicted, truth).mean().item(), *average_precision.compute().nanmean(1).tolist()]
     if model.task == "keypoints":
-        return model.head.metric(predicted, truth, boxes).item()
-    return model.head.metric(predicted, truth).item()
+        return [model.head.metric(predicted, truth, boxes).item()]
+    return [model.head.metric(predicted, truth).item()]
 
 
 # ----------------------------------------------------------------------------- training
@@ -331,10 +344,11 @@ def save_figure(path: str, task: str, models: Dict[str, HypercolumnModel], data:
 
 
 def markdown_table(task: str, results) -> str:
-    """Rows ``(name, channels, metric, seconds)`` -> a Markdown table."""
-    lines = [f"| layers | channels | {METRIC_NAMES[task]} | training time (s) |", "|---|---|---|---|"]
-    lines += [f"| {name} | {'+'.join(map(str, channels))} | {metric:.3f} | {seconds:.0f} |"
-              for name, channels, metric, seconds in results]
+    """Rows ``(name, channels, metrics, seconds)`` -> a Markdown table."""
+    names = METRIC_NAMES[task]
+    lines = [f"| layers | channels | {' | '.join(names)} | training time (s) |", "|---" * (len(names) + 3) + "|"]
+    lines += [f"| {name} | {'+'.join(map(str, channels))} | {' | '.join(f'{m:.3f}' for m in metrics)} | "
+              f"{seconds:.0f} |" for name, channels, metrics, seconds in results]
     return "\n".join(lines)
 
 
@@ -396,8 +410,8 @@ def main(argv=None) -> None:
             models[name] = model
             digests[name] = {"parameters": parameter_digest(model), "images": images}
             if rank == 0:
-                metric = evaluate(model, val_loader, device)
-                results.append((name, model.features.channels, metric, seconds))
+                metrics = evaluate(model, val_loader, device)
+                results.append((name, model.features.channels, metrics, seconds))
             if world > 1:
                 dist.barrier()
         if rank == 0:
