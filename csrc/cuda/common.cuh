@@ -316,8 +316,40 @@ struct SegmentView {
 // entries g, g + blockDim.y, ... in order), so that a pixel reached by thousands of taps (a
 // coarse layer) is summed by many threads even when it has few channels. Each thread sums its
 // share in order; store_pixel then adds the groups' sums in group order: the same bits every run.
-constexpr int kPixelThreads = 256;  // threads of a deterministic block (channel lanes x groups)
-constexpr int kPixelTile = 256;     // entries staged at a time
+constexpr int kPixelThreads = 256;  // threads of a deterministic block (channel lanes x groups), at most
+
+// The dynamic shared memory of a launch (its third launch parameter), 16-byte aligned.
+#ifndef HC_DYNAMIC_SHARED
+#define HC_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// A deterministic block's shared arrays, sized by its `threads` threads (so that small blocks
+// leave room for many per SM): one staged tile of `threads` entries (`Staged` each, and their
+// weights), the groups' partial sums and, for the box gather, the scan of its chunk of `threads`
+// boxes. Every array's size is a multiple of 8 bytes, so each starts aligned.
+template <typename acc_t, typename Staged>
+struct PixelShared {
+  Staged* staged;
+  acc_t* weight;
+  acc_t* partial;
+  int64_t *offset, *first_i, *first_j, *span_j;  // box gather only: threads + 1, then threads each
+
+  static size_t bytes(int threads, bool boxes) {
+    return threads * (sizeof(Staged) + 2 * sizeof(acc_t)) + (boxes ? (4 * threads + 1) * sizeof(int64_t) : 0);
+  }
+
+  __device__ __forceinline__ static PixelShared carve(unsigned char* memory, int threads) {
+    PixelShared s;
+    s.staged = reinterpret_cast<Staged*>(memory);
+    s.weight = reinterpret_cast<acc_t*>(s.staged + threads);
+    s.partial = s.weight + threads;
+    s.offset = reinterpret_cast<int64_t*>(s.partial + threads);
+    s.first_i = s.offset + threads + 1;
+    s.first_j = s.first_i + threads;
+    s.span_j = s.first_j + threads;
+    return s;
+  }
+};
 
 template <typename acc_t, typename Grads>
 __device__ __forceinline__ void add_tile(acc_t& sum, const acc_t* weight, const typename Grads::Staged* staged, int n,
@@ -328,7 +360,7 @@ __device__ __forceinline__ void add_tile(acc_t& sum, const acc_t* weight, const 
 }
 
 // Called by every thread of the block: adds the groups' sums of channel c in group order and,
-// where `write`, stores the total at pixel (b, y, x). `partial` is shared, kPixelThreads long.
+// where `write`, stores the total at pixel (b, y, x). `partial` is shared, one per thread.
 template <typename acc_t>
 __device__ __forceinline__ void store_pixel(acc_t sum, acc_t* partial, bool write, const MapView<acc_t*>& target,
                                             int64_t b, int64_t y, int64_t x, int64_t c) {
@@ -342,23 +374,24 @@ __device__ __forceinline__ void store_pixel(acc_t sum, acc_t* partial, bool writ
 }
 
 // Block x: pixels blockIdx.x, + gridDim.x, ... (b * H * W + y * W + x); block y: a chunk of
-// channels. The pixel's sorted entries, staged kPixelTile at a time.
+// channels. The pixel's sorted entries, staged one per thread at a time.
 template <typename acc_t, typename index_t, typename Grads>
 __global__ void __launch_bounds__(kPixelThreads)
     scatter_segments_kernel(MapView<acc_t*> target, int64_t pixels, SegmentView<index_t> segments,
                             const acc_t* entry_weights, PointSource<acc_t> src, Grads grads) {
-  __shared__ acc_t weight[kPixelTile];
-  __shared__ typename Grads::Staged staged[kPixelTile];
-  __shared__ acc_t partial[kPixelThreads];
+  HC_DYNAMIC_SHARED(memory);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads);
+  typename Grads::Staged* staged = shared.staged;
+  acc_t *weight = shared.weight, *partial = shared.partial;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t per_image = target.height * target.width;
   for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
     // Block-uniform: a pixel no tap reaches keeps its zero.
     const int64_t start = segments.begin[key], count = segments.end[key] - start;
     acc_t sum = 0;
-    for (int64_t done = 0; done < count; done += kPixelTile) {
-      const int n = static_cast<int>(min(static_cast<int64_t>(kPixelTile), count - done));
+    for (int64_t done = 0; done < count; done += threads) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(threads), count - done));
       __syncthreads();  // the previous tile's readers are done with the shared entries
       for (int t = tid; t < n; t += threads) {
         const int64_t entry = segments.order[start + done + t];
@@ -427,18 +460,19 @@ __global__ void box_ranges_kernel(PointSource<acc_t> src, int64_t num_rows, int6
 
 // Block x: pixels blockIdx.x, + gridDim.x, ...; block y: a chunk of channels. The block takes the
 // boxes one per thread at a time: each thread counts one box's candidate points for the pixel, a
-// scan turns the counts into offsets, then the candidates are staged kPixelTile at a time (taps
+// scan turns the counts into offsets, then the candidates are staged one per thread at a time (taps
 // recomputed, the weight reaching this pixel) and summed in order.
 template <typename acc_t, typename Grads>
 __global__ void __launch_bounds__(kPixelThreads)
     gather_box_taps_kernel(MapView<acc_t*> target, int64_t pixels, int64_t num_rows, BoxRanges ranges,
                            PointSource<acc_t> src, acc_t scale_y, acc_t scale_x, int64_t padding, Grads grads) {
-  __shared__ int64_t offset[kPixelThreads + 1];  // candidates before box k of the chunk, then the total
-  __shared__ int64_t first_i[kPixelThreads], first_j[kPixelThreads], span_j[kPixelThreads];
-  __shared__ acc_t weight[kPixelTile];
-  __shared__ typename Grads::Staged staged[kPixelTile];
-  __shared__ acc_t partial[kPixelThreads];
+  HC_DYNAMIC_SHARED(memory);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads);
+  typename Grads::Staged* staged = shared.staged;
+  acc_t *weight = shared.weight, *partial = shared.partial;
+  // offset[k]: candidates before box k of the chunk, offset[boxes] the total.
+  int64_t *offset = shared.offset, *first_i = shared.first_i, *first_j = shared.first_j, *span_j = shared.span_j;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t per_image = target.height * target.width, cells = src.grid_h * src.grid_w;
   for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
@@ -471,8 +505,8 @@ __global__ void __launch_bounds__(kPixelThreads)
       __syncthreads();
       const int64_t total = offset[boxes];
       reached = reached || total > 0;
-      for (int64_t done = 0; done < total; done += kPixelTile) {
-        const int n = static_cast<int>(min(static_cast<int64_t>(kPixelTile), total - done));
+      for (int64_t done = 0; done < total; done += threads) {
+        const int n = static_cast<int>(min(static_cast<int64_t>(threads), total - done));
         __syncthreads();  // the previous tile's readers are done with the shared entries
         for (int t = tid; t < n; t += threads) {
           const int64_t e = done + t;
@@ -668,7 +702,8 @@ void scatter_sorted_taps(const MapView<acc_t*>& target, const at::Tensor& buffer
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const SegmentView<index_t> segments{begin.data_ptr<index_t>(), end.data_ptr<index_t>(), order.data_ptr<index_t>()};
   const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
-  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, block, 0, stream>>>(
+  const size_t shared = PixelShared<acc_t, typename Grads::Staged>::bytes(block.x * block.y, false);
+  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, block, shared, stream>>>(
       target, pixels, segments, weights.data_ptr<acc_t>(), src, grads);
 }
 
@@ -692,7 +727,8 @@ void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const BoxRanges ranges{batch.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>()};
   const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
-  gather_box_taps_kernel<acc_t, Grads><<<grid, block, 0, stream>>>(
+  const size_t shared = PixelShared<acc_t, typename Grads::Staged>::bytes(block.x * block.y, true);
+  gather_box_taps_kernel<acc_t, Grads><<<grid, block, shared, stream>>>(
       target, pixels, num_rows, ranges, src, scale_y, scale_x, padding, grads);
 }
 

@@ -2,7 +2,8 @@
 
 The sources are copied with a few mechanical rewrites (nothing else in them changes):
 
-- ``kernel<<<grid, block, shared, stream>>>(args)`` -> ``hc_emulation::launch(grid, block, kernel, args)``;
+- ``kernel<<<grid, block, shared, stream>>>(args)`` -> ``hc_emulation::launch(grid, block, shared, kernel,
+  args)``;
 - the ATen/c10 CUDA headers and cub's -> ``cuda_emulation.h`` (streams, guards, atomics, launch
   checks, cub's radix sort);
 - ``.is_cuda()`` -> ``.is_cpu()`` (the emulated kernels take CPU tensors);
@@ -25,8 +26,8 @@ _CUDA_INCLUDE = re.compile(r'#include <(?:ATen/cuda|c10/cuda|cub)/[^>]+>\n')
 
 def _launch(match: re.Match) -> str:
     kernel, config = match.group(1), match.group(2)
-    grid, block = [part.strip() for part in config.split(",")[:2]]
-    return f"hc_emulation::launch({grid}, {block}, {kernel}, "
+    grid, block, shared = [part.strip() for part in config.split(",")[:3]]
+    return f"hc_emulation::launch({grid}, {block}, {shared}, {kernel}, "
 
 
 def rewrite(text: str) -> str:

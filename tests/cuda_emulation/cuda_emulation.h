@@ -1,10 +1,11 @@
 // Just enough of CUDA to run the kernels of csrc/cuda/ on the CPU, for tests/test_cuda_emulated.py.
 //
 // tests/cuda_emulation/build.py rewrites each kernel launch `k<<<grid, block, smem, stream>>>(args)`
-// into `hc_emulation::launch(grid, block, k, args)`. A launch runs the grid's blocks one after
+// into `hc_emulation::launch(grid, block, smem, k, args)`. A launch runs the grid's blocks one after
 // another; each block's threads are real threads, so __syncthreads (a barrier), shared memory
-// (function statics: one block at a time uses them), warp shuffles (a barrier per warp) and
-// atomics (std::atomic_ref) behave as on a GPU, threads interleaving in any order. What this cannot
+// (function statics, and one buffer of `smem` bytes for the dynamic part: one block at a time uses
+// them), warp shuffles (a barrier per warp) and atomics (std::atomic_ref) behave as on a GPU,
+// threads interleaving in any order. What this cannot
 // show: timing, the memory model of the GPU beyond what barriers and atomics order, launch limits.
 #pragma once
 
@@ -14,7 +15,9 @@
 #include <barrier>
 #include <cmath>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <thread>
@@ -62,6 +65,7 @@ struct Block {
 };
 
 inline thread_local Block* current = nullptr;
+inline thread_local unsigned char* dynamic_shared = nullptr;  // the launch's dynamic shared memory
 
 inline unsigned thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
@@ -82,10 +86,13 @@ T shfl_down(T value, unsigned offset) {
 // One thread per block thread, reused for every block of the grid: after a block, all of them
 // meet at `between_blocks`, whose completion step sets up the next block's barriers.
 template <typename... Params, typename... Args>
-void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
+void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), Args&&... args) {
   const unsigned threads = block.x * block.y * block.z;
   const unsigned blocks = grid.x * grid.y * grid.z;
   if (threads == 0 || blocks == 0) return;
+  // Poisoned, as shared memory holds whatever the previous block left.
+  std::vector<std::max_align_t> shared((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+  std::memset(shared.data(), 0xff, shared.size() * sizeof(std::max_align_t));
   std::unique_ptr<Block> state = std::make_unique<Block>(threads);
   std::barrier between_blocks(threads, [&]() noexcept { state = std::make_unique<Block>(threads); });
   std::vector<std::thread> pool;
@@ -94,6 +101,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
     pool.emplace_back([&, t] {
       gridDim = grid;
       blockDim = block;
+      dynamic_shared = reinterpret_cast<unsigned char*>(shared.data());
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       for (unsigned b = 0; b < blocks; ++b) {
         current = state.get();
@@ -112,6 +120,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
 }  // namespace hc_emulation
 
 #define __syncthreads() hc_emulation::sync_block()
+#define HC_DYNAMIC_SHARED(name) unsigned char* name = hc_emulation::dynamic_shared
 #define __shfl_down_sync(mask, value, offset) hc_emulation::shfl_down(value, offset)
 
 template <typename T>
