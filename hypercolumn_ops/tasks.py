@@ -154,8 +154,8 @@ class MaskAveragePrecision:
             if values.numel() and (values.min() < 0 or values.max() >= self.num_classes):
                 raise ValueError(f"{name}: expected categories in [0, {self.num_classes}), got "
                                  f"{values.min().item()} .. {values.max().item()}")
-        labels, target_labels = labels.long().cpu(), target_labels.long().cpu()
-        order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+        labels, target_labels, scores = labels.long().cpu(), target_labels.long().cpu(), scores.double().cpu()
+        order = torch.sort(scores, descending=True, stable=True).indices
         pred = masks.bool().flatten(1)[order].float()
         truth = target_masks.bool().flatten(1).float()
         intersection = (pred @ truth.T).cpu().double()  # (D, G)
@@ -172,7 +172,7 @@ class MaskAveragePrecision:
                     if best[d] >= threshold and not taken[match[d]]:
                         taken[match[d]] = True
                         positive[t, d] = True
-        self._scores.append(scores.double().cpu()[order])
+        self._scores.append(scores[order])
         self._labels.append(labels)
         self._positive.append(positive)
         self._ground_truth += torch.bincount(target_labels, minlength=self.num_classes)

@@ -2,9 +2,9 @@
 
 No GPU runs in CI, so this is where the CUDA kernels' logic is checked on every change: indexing,
 strides, shared memory and barriers, the atomic and the deterministic (gathered or sorted per
-pixel) backward, both evaluation orders of the fused operators, invalid rows. Each block's threads run as real
-threads, interleaving arbitrarily. Speed, the GPU's memory model and launch limits are only seen on
-a GPU (tests/test_native_cuda.py, benchmarks/gpu_check.sh).
+pixel) backward, both evaluation orders of the fused operators, invalid rows. Each block's threads
+run as real threads, interleaving arbitrarily. Speed, the GPU's memory model and launch limits are
+only seen on a GPU (tests/test_native_cuda.py, benchmarks/gpu_check.sh).
 """
 
 import os
@@ -117,8 +117,6 @@ def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic)
         emulated = forward_and_grads(lambda: run_in_order(case, EMULATED, order), inputs)
         expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
         assert_all_close(emulated, expected, RTOL64, ATOL64, f"{case} order {order}")
-
-
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])

@@ -27,7 +27,6 @@ CASE_IDS = [repr(c) for c in cases.all_cases(torch.float64, "cpu")]
 FUSED_IDS = [i for i, name in enumerate(CASE_IDS) if name.startswith("fused")]
 
 
-
 @functools.lru_cache(maxsize=None)
 def cuda_cases(dtype):
     return cases.all_cases(dtype, "cuda", requires_grad=True)

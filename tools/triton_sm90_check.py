@@ -59,20 +59,17 @@ def main() -> None:
     JITFunction.run = compile_only
 
     import cases
-    from hypercolumn_ops import ops as public
     from hypercolumn_ops import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
+    from kernel_checks import run_in_order
 
     ops = torch.ops.hypercolumn_ops_triton
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         for case in [c for c in cases.all_cases(dtype, "cpu", requires_grad=True) if only in repr(c)]:
             for deterministic in (False, True):
                 for order in ((0, 1) if case.op.startswith("fused") else (None,)):
-                    args = list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
-                    if order is not None:
-                        args[-1] = [order] * len(args[0])
                     torch.use_deterministic_algorithms(deterministic)
                     try:
-                        out = getattr(ops, case.op)(*args)
+                        out = run_in_order(case, ops, order)
                         inputs = cases.differentiable_inputs(case)
                         torch.autograd.grad(out.float().nan_to_num().sum(), inputs, allow_unused=True)
                     except Exception as error:  # noqa: BLE001  (report which case broke, then fail)

@@ -89,6 +89,26 @@ __device__ __forceinline__ bool is_finite(acc_t a) {
   return a == a && a - a == acc_t(0);
 }
 
+// Whether row `row` (a point or a box) may be read: its batch index (`batch_value`) names an image,
+// and its label, where there are labels, a class. Sets the image *b and the label *label (0 where
+// not valid).
+template <typename acc_t>
+__device__ __forceinline__ bool row_valid(const PointSource<acc_t>& src, int64_t row, acc_t batch_value, int64_t* b,
+                                          int64_t* label) {
+  *b = 0;
+  bool valid = batch_index<acc_t>(batch_value, src.batch, b);
+  *label = 0;
+  if (src.labels != nullptr) {
+    const int64_t value = src.labels[row];
+    if (value >= 0 && value < src.classes) {
+      *label = value;
+    } else {
+      valid = false;
+    }
+  }
+  return valid;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ Point<acc_t> point_at(const PointSource<acc_t>& src, int64_t p) {
   Point<acc_t> pt;
@@ -114,17 +134,7 @@ __device__ __forceinline__ Point<acc_t> point_at(const PointSource<acc_t>& src, 
     box_grid_point<acc_t>(r[1], r[2], r[3], r[4], pt.i, pt.j, src.grid_h, src.grid_w, &pt.x, &pt.y,
                           &pt.u, &pt.v);
   }
-  pt.b = 0;
-  bool valid = batch_index<acc_t>(batch_value, src.batch, &pt.b);
-  pt.label = 0;
-  if (src.labels != nullptr) {
-    const int64_t label = src.labels[pt.row];
-    if (label >= 0 && label < src.classes) {
-      pt.label = label;
-    } else {
-      valid = false;
-    }
-  }
+  bool valid = row_valid(src, pt.row, batch_value, &pt.b, &pt.label);
   valid = valid && is_finite(pt.x) && is_finite(pt.y) && is_finite(pt.u) && is_finite(pt.v);
   if (!valid) pt.b = 0;
   pt.valid = valid;
@@ -431,9 +441,8 @@ __global__ void box_ranges_kernel(PointSource<acc_t> src, int64_t num_rows, int6
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = index / per_box, k = index - r * per_box;
     const acc_t* box = src.rows + 5 * r;
-    int64_t b = 0;
-    bool valid = batch_index<acc_t>(box[0], src.batch, &b);
-    if (src.labels != nullptr) valid = valid && src.labels[r] >= 0 && src.labels[r] < src.classes;
+    int64_t b, label;
+    const bool valid = row_valid(src, r, box[0], &b, &label);
     if (k == 0) batch[r] = valid ? b : -1;
     const bool along_y = k < height;
     const int64_t target = along_y ? k : k - height, steps = along_y ? src.grid_h : src.grid_w;

@@ -144,14 +144,13 @@ class _TapEntries:
 def _segments(keys: Tensor, num_keys: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Entries sorted by key (stable, so the order is reproducible) -> (order, segment starts,
     segment counts), one segment for every key ``0 .. num_keys - 1`` (empty where no entry has it;
-    ``num_keys`` itself, the sentinel, is left out). Bounds come from
-    ``searchsorted`` on the device: no host synchronisation. Keys sort as int32 where they fit."""
+    ``num_keys`` itself, the sentinel, is left out). Bounds come from ``searchsorted`` on the
+    device: no host synchronisation. Keys sort as int32 where they fit."""
     sort_keys = keys.to(torch.int32) if num_keys <= torch.iinfo(torch.int32).max else keys
     sorted_keys, order = torch.sort(sort_keys, stable=True)
-    segment_keys = torch.arange(num_keys, dtype=sorted_keys.dtype, device=keys.device)
-    starts = torch.searchsorted(sorted_keys, segment_keys)
-    counts = torch.searchsorted(sorted_keys, segment_keys, right=True) - starts
-    return order, starts, counts
+    # Key k's entries end where key k + 1's begin.
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=sorted_keys.dtype, device=keys.device))
+    return order, bounds[:-1], bounds.diff()
 
 
 class _CellGrads:
