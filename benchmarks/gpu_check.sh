@@ -8,7 +8,8 @@
 # (OUT defaults to ./gpu_check_out). Steps:
 #   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
 #   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU, in 8 processes where
+#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU (tests.xml: every
+#                 test's result), in 8 processes where
 #                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time)
 #   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
 #                 results after every workload, so a step cut short keeps the finished ones)
@@ -68,6 +69,7 @@ step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 "$PYTHON" s
 export TRITON_INTERPRET=0  # tests/conftest.py would switch the interpreter on without /dev/nvidiactl
 PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
+  --junitxml="$WORK/tests.xml" \
   -p no:cacheprovider
 BUDGET=470
 SANITIZER=70

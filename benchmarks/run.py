@@ -270,6 +270,23 @@ def run_case(inputs: Inputs, method: str, mode: str, device: torch.device, dtype
     return result
 
 
+def feature_copy(inputs: Inputs, device: torch.device, repetitions: Dict) -> Dict:
+    """Median time of one device-to-device copy of the workload's feature maps into buffers made
+    beforehand: the bytes every method must read once, read and written (the stretch floor)."""
+    sources = [feature.detach() for feature in inputs.features]
+    copies = [torch.empty_like(feature) for feature in sources]
+
+    def copy_all():
+        for copy, source in zip(copies, sources):
+            copy.copy_(source)
+        return copies[-1]
+
+    timing = time_calls(copy_all, device, **repetitions)
+    moved = 2 * sum(source.numel() * source.element_size() for source in sources)
+    return {"median_ms": timing["median_ms"], "bytes": moved,
+            "bandwidth_gbs": moved / (timing["median_ms"] * 1e-3) / 1e9}
+
+
 def add_speedups(rows: List[Dict]) -> None:
     """Speed-up of the fastest fused backend over each method, per workload and mode."""
     for mode in MODES:
@@ -295,7 +312,7 @@ def run(args, checkpoint: Optional[Callable[[Dict], None]] = None) -> Dict:
     names = args.workloads or (list(WORKLOADS) if args.full else list(QUICK_WORKLOADS))
     repetitions = REPETITIONS["full" if args.full else "quick-cuda" if device.type == "cuda" else "quick"]
     plan = [(name, method) for name in names for method in method_names(WORKLOADS[name].op, backends)]
-    rows, plans = [], {}
+    rows, plans, copies = [], {}, {}
     settings = {"device": args.device, "dtype": args.dtype, "set": "full" if args.full else "quick",
                 "workloads": names, "backends": backends, "repetitions": repetitions, "error_sample": ERROR_SAMPLE,
                 "memory": "torch.cuda.max_memory_allocated over the call" if device.type == "cuda"
@@ -307,6 +324,8 @@ def run(args, checkpoint: Optional[Callable[[Dict], None]] = None) -> Dict:
         gradient = grad_output(workload, dtype, device)
         sample = reference_sample(inputs)
         plans[name] = layer_plans(workload, device)
+        if device.type == "cuda":
+            copies[name] = feature_copy(inputs, device, repetitions)
         for method in method_names(workload.op, backends):
             row = {"workload": name, "op": workload.op, "method": method, "modes": {}}
             for mode in ALL_MODES:
@@ -323,12 +342,13 @@ def run(args, checkpoint: Optional[Callable[[Dict], None]] = None) -> Dict:
         del inputs
         add_speedups(rows)
         if checkpoint is not None:
-            checkpoint(_report(device, settings, list(plans), rows, plans))
+            checkpoint(_report(device, settings, list(plans), rows, plans, copies))
     progress.close()
-    return _report(device, settings, names, rows, plans)
+    return _report(device, settings, names, rows, plans, copies)
 
 
-def _report(device: torch.device, settings: Dict, names: List[str], rows: List[Dict], plans: Dict) -> Dict:
+def _report(device: torch.device, settings: Dict, names: List[str], rows: List[Dict], plans: Dict,
+            copies: Dict) -> Dict:
     return {
         "machine": machine_info(device),
         "settings": dict(settings, workloads=names),
@@ -338,19 +358,28 @@ def _report(device: torch.device, settings: Dict, names: List[str], rows: List[D
                              "layers": WORKLOADS[name].feature_shapes()} for name in names},
         "results": rows,
         "plans": plans,
+        "feature_copy": copies,
     }
 
 
 # ----------------------------------------------------------------------------- reports
 
 
-def _cell(case: Dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+def _significant(value: float) -> str:
+    """Three significant digits without an exponent: 1234, 41.2, 6.60, 0.0434."""
+    if value <= 0 or not math.isfinite(value):
+        return f"{value:.1f}"
+    return f"{value:.{min(max(2 - math.floor(math.log10(value)), 0), 6)}f}"
+
+
+def _cell(case: Dict, key: str, scale: float = 1.0, digits: Optional[int] = None) -> str:
+    """``case[key] / scale`` with ``digits`` decimals (default: three significant digits)."""
     if case.get("status") != "ok":
         return case.get("status", "")
     value = case.get(key)
     if value is None:
         return "n/a"
-    return f"{value / scale:.{digits}f}"
+    return _significant(value / scale) if digits is None else f"{value / scale:.{digits}f}"
 
 
 def _backward_ratio(forward: Dict, both: Dict, deterministic: Dict) -> str:
@@ -410,6 +439,18 @@ def markdown(report: Dict) -> str:
                 for row in report["results"] for mode, case in row["modes"].items() if "memory_detail" in case]
     if details:
         lines += ["", "Details:", ""] + details
+    if report.get("feature_copy"):
+        lines += ["", "## Forward against one copy of the feature maps", "",
+                  "One device-to-device copy of the workload's feature maps (read once, written once): the bytes "
+                  "every method must read. Ratio: the fastest fused backend's forward time over the copy's.", "",
+                  "| workload | copy ms | copy GB/s | fastest fused fwd ms | fused fwd / copy |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, copy in report["feature_copy"].items():
+            fused = [row["modes"][FORWARD]["median_ms"] for row in report["results"]
+                     if row["workload"] == name and row["method"].startswith(FUSED_PREFIX)
+                     and row["modes"][FORWARD].get("status") == "ok"]
+            best = f"{_significant(min(fused))} | {min(fused) / copy['median_ms']:.1f}" if fused else "| "
+            lines.append(f"| {name} | {_significant(copy['median_ms'])} | {copy['bandwidth_gbs']:.0f} | {best} |")
     lines += ["", "## Evaluation order per layer (hypercolumn_ops.planning.plan_layers)", "",
               "Costs in gather-equivalent multiply-adds (see planning.py).", "",
               "| workload | layer | order | sample-features cost | project-scores cost | why |",
