@@ -61,6 +61,12 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    # The C++ runtime torch uses, as the shared library: a g++ whose own library folder holds only
+    # libstdc++.a (the relocated GCC 13 of the GPU image we test on) links a second, static copy
+    # into the extension, whose stream and locale state is not torch's; formatting a number into an
+    # error message then stops short or crashes. Named by file, the shared library is found in the
+    # system folders and resolves every symbol before the archive is searched.
+    runtime = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", *openmp]  # cpp_extension adds the C++ standard that this torch's headers need
     macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -82,7 +88,7 @@ def extension():
     print(f"hypercolumn_ops build: torch {torch.__version__}, CUDA kernels {cuda}, "
           f"OpenMP {'on' if openmp else 'off'}, {len(sources)} sources", flush=True)
     return kind("hypercolumn_ops._C", sources, include_dirs=include_dirs, define_macros=macros,
-                extra_compile_args=extra, extra_link_args=openmp)
+                extra_compile_args=extra, extra_link_args=openmp + runtime)
 
 
 setup(

@@ -404,6 +404,15 @@ def test_kernels_check_arguments(op, name, change):
         getattr(torch.ops.hypercolumn_ops, op)(*args.values())
 
 
+def test_error_messages_are_whole():
+    """A message with numbers in it comes out whole. An extension that carries its own static copy
+    of the C++ runtime (a compiler set to link libstdc++ statically) formats numbers with stream
+    state that is not torch's: the message stops at the first number, or the process crashes."""
+    f = features(torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"points: expected shape \(rows, 3\), got \[4, 2\]"):
+        torch.ops.hypercolumn_ops.sparse_hypercolumn(f, torch.zeros(4, 2), [0.5] * 3, [0.5] * 3, 0)
+
+
 def test_fused_points_requires_locations_for_several_cells():
     g = torch.Generator().manual_seed(0)
     f = features(torch.float32, "cpu", "contiguous", g)
