@@ -2,22 +2,25 @@
 # GPU check of hypercolumn_ops: one unattended run of at most 8 minutes on a CUDA machine with no
 # network (made for an H100, sm_90; torch, triton, nvcc, compute-sanitizer already installed).
 # Every step has its own limit, so that one hang cannot eat the budget; a failing step is recorded
-# and the next one still runs. The benchmarks share what the other steps left of 470 s.
+# and the next one still runs. The benchmarks share what the other steps left of 475 s.
 #
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
 # (OUT defaults to ./gpu_check_out). Steps:
 #   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
 #   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU (tests.xml: every
-#                 test's result), in 8 processes where
-#                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time)
+#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU, in 8 processes where
+#                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time);
+#                 tests.xml has every test's result
 #   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
 #                 results after every workload, so a step cut short keeps the finished ones)
-#   5. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#   5. profile    benchmarks/profile_cuda.py on sds and keypoints: host and kernel time per call
+#                 (profile.log), the profiler's tables (profiles/)
+#   6. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
-# seconds, then the tails of the test and sanitizer logs) is left beside it: two files come back.
+# seconds, then the tails of the test, profile and sanitizer logs) is left beside it: two files come
+# back.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -71,12 +74,15 @@ PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
   --junitxml="$WORK/tests.xml" \
   -p no:cacheprovider
-BUDGET=470
-SANITIZER=70
-step bench_float32 $(( (BUDGET - SANITIZER - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py --device cuda \
+BUDGET=475
+SANITIZER=40  # 13 s on an H200
+PROFILE=60
+step bench_float32 $(( (BUDGET - SANITIZER - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py --device cuda \
   --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 \
-  --out "$WORK/bench_bfloat16"
+step bench_bfloat16 $(( BUDGET - SANITIZER - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda \
+  --dtype bfloat16 --out "$WORK/bench_bfloat16"
+step profile $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py --workloads sds keypoints \
+  --out "$WORK/profiles"
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
@@ -84,6 +90,8 @@ step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sani
   echo
   echo "---- tail of tests.log"
   tail -n 40 "$WORK/tests.log"
+  echo "---- tail of profile.log"
+  tail -n 14 "$WORK/profile.log"
   echo "---- tail of sanitizer.log"
   tail -n 8 "$WORK/sanitizer.log"
 } >> "$SUMMARY"

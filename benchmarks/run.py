@@ -38,6 +38,7 @@ from hypercolumn_ops import planning, reference  # noqa: E402
 from methods import (ALL_MODES, DETERMINISTIC, FORWARD, FORWARD_BACKWARD, FUSED_PREFIX, MODES,  # noqa: E402
                      available_bytes, cuda_peak_bytes, estimated_bytes, fused_backends, grad_output,
                      method_function, method_names, run_once, time_calls)
+from summary import significant  # noqa: E402
 from workloads import SAMPLING_OPS, WORKLOADS, Inputs, Workload, build  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -365,13 +366,6 @@ def _report(device: torch.device, settings: Dict, names: List[str], rows: List[D
 # ----------------------------------------------------------------------------- reports
 
 
-def _significant(value: float) -> str:
-    """Three significant digits without an exponent: 1234, 41.2, 6.60, 0.0434."""
-    if value <= 0 or not math.isfinite(value):
-        return f"{value:.1f}"
-    return f"{value:.{min(max(2 - math.floor(math.log10(value)), 0), 6)}f}"
-
-
 def _cell(case: Dict, key: str, scale: float = 1.0, digits: Optional[int] = None) -> str:
     """``case[key] / scale`` with ``digits`` decimals (default: three significant digits)."""
     if case.get("status") != "ok":
@@ -379,7 +373,7 @@ def _cell(case: Dict, key: str, scale: float = 1.0, digits: Optional[int] = None
     value = case.get(key)
     if value is None:
         return "n/a"
-    return _significant(value / scale) if digits is None else f"{value / scale:.{digits}f}"
+    return significant(value / scale) if digits is None else f"{value / scale:.{digits}f}"
 
 
 def _backward_ratio(forward: Dict, both: Dict, deterministic: Dict) -> str:
@@ -449,8 +443,8 @@ def markdown(report: Dict) -> str:
             fused = [row["modes"][FORWARD]["median_ms"] for row in report["results"]
                      if row["workload"] == name and row["method"].startswith(FUSED_PREFIX)
                      and row["modes"][FORWARD].get("status") == "ok"]
-            best = f"{_significant(min(fused))} | {min(fused) / copy['median_ms']:.1f}" if fused else "| "
-            lines.append(f"| {name} | {_significant(copy['median_ms'])} | {copy['bandwidth_gbs']:.0f} | {best} |")
+            best = f"{significant(min(fused))} | {min(fused) / copy['median_ms']:.1f}" if fused else "| "
+            lines.append(f"| {name} | {significant(copy['median_ms'])} | {copy['bandwidth_gbs']:.0f} | {best} |")
     lines += ["", "## Evaluation order per layer (hypercolumn_ops.planning.plan_layers)", "",
               "Costs in gather-equivalent multiply-adds (see planning.py).", "",
               "| workload | layer | order | sample-features cost | project-scores cost | why |",

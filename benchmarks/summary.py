@@ -5,10 +5,18 @@ baseline, the baseline's and the fastest fused backend's median times and the sp
 """
 
 import json
+import math
 import sys
 from typing import Dict, List, Optional
 
 MODES = ("forward", "forward+backward")
+
+
+def significant(value: float) -> str:
+    """Three significant digits, no exponent, thousands separated: 3,300, 41.2, 6.60, 0.0434."""
+    if value <= 0 or not math.isfinite(value):
+        return f"{value:.1f}"
+    return f"{value:,.{min(max(2 - math.floor(math.log10(value)), 0), 6)}f}"
 
 
 def _ms(mode: Dict) -> Optional[float]:
@@ -37,7 +45,7 @@ def summary(results: Dict) -> str:
                 if base is None or best[mode] is None:
                     cells += [row["modes"].get(mode, {}).get("status", "-"), "", ""]
                 else:
-                    cells += [f"{base:,.1f}", f"{best[mode]:,.1f}", f"**{base / best[mode]:,.1f}x**"]
+                    cells += [significant(base), significant(best[mode]), f"**{significant(base / best[mode])}x**"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
