@@ -1,7 +1,9 @@
 """Checks shared by the tests of the CUDA kernels: on a GPU (test_native_cuda.py) and emulated on
 the CPU (test_cuda_emulated.py). The same cases, tolerances and comparisons in both places, so
-that what passes emulated is what the GPU run checks."""
+that what passes emulated is what the GPU run checks. The Triton tests (test_triton.py) share the
+bias-gradient check."""
 
+import contextlib
 from typing import Callable, List, Tuple
 
 import torch
@@ -100,6 +102,49 @@ def check_deterministic_paths(ops, device, order) -> None:
         assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
         if torch.are_deterministic_algorithms_enabled():
             again = forward_and_grads(lambda: run_in_order(case, ops, case_order), inputs)
+            assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms(enabled) inside the block, the previous setting after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def check_bias_segments(ops, device, order) -> None:
+    """The bias gradient sums each row's slots (4 per grid point) in segments, then the segments
+    in order; CUDA also splits the cells into chunks of 32 (kBiasCellChunk in
+    csrc/cuda/fused_kernels.cu). The shared cases' grids are too small for more than one segment.
+    Two boxes with a 21 x 23 grid (1,932 slots a row: 8 CUDA segments, 4 Triton ones), 3 x 3 cells
+    and 3 classes (keys label * 9 + cell); one box with a 9 x 11 grid and 7 x 7 cells (two CUDA
+    chunks). ``ops`` against the reference in float64, fused layers in ``order``; the same bits
+    twice when deterministic algorithms are on."""
+    g = torch.Generator().manual_seed(5)
+    f = cases.features(torch.float64, device, "contiguous", g, requires_grad=True)
+    boxes = torch.tensor([[0, 1.0, 2.0, 20.0, 17.0], [1, 3.0, 0.0, 22.0, 18.0]], dtype=torch.float64, device=device)
+    labelled = cases.Case(
+        "fused_hypercolumn",
+        (f, boxes, cases.classifier(3, 2, 3, torch.float64, device, g, requires_grad=True),
+         torch.randn(3, 9, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()),
+        dict(labels=torch.tensor([2, 0], device=device), output_size=(21, 23), image_size=cases.IMAGE,
+             activation="sigmoid"), "bias-segments")
+    many_cells = cases.Case(
+        "fused_hypercolumn",
+        (f, boxes[:1], cases.classifier(7, 1, None, torch.float64, device, g, requires_grad=True),
+         torch.randn(49, 1, generator=g, dtype=torch.float64).to(device).requires_grad_()),
+        dict(output_size=(9, 11), image_size=cases.IMAGE), "bias-cell-chunks")
+    for case in (labelled, many_cells):
+        inputs = cases.differentiable_inputs(case)
+        actual = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
+        expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
+        assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
+        if torch.are_deterministic_algorithms_enabled():
+            again = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
             assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
 

@@ -16,8 +16,9 @@ import torch
 import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_deterministic_paths,
-                           check_invalid_rows, forward_and_grads, run_in_order, wide_load_cases)
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
+                           check_deterministic_paths, check_invalid_rows, forward_and_grads, run_in_order,
+                           wide_load_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -122,3 +123,8 @@ def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic)
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_emulated_deterministic_paths(order, deterministic):
     check_deterministic_paths(EMULATED, "cpu", order)
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_emulated_bias_segments(order, deterministic):
+    check_bias_segments(EMULATED, "cpu", order)

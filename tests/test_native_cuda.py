@@ -16,8 +16,9 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_deterministic_paths,
-                           check_invalid_rows, forward_and_grads, run_in_order, wide_load_cases)
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
+                           check_deterministic_paths, check_invalid_rows, deterministic_algorithms, forward_and_grads,
+                           run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -152,6 +153,13 @@ def test_deterministic_mode(index, deterministic):
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_deterministic_paths(order, deterministic):
     check_deterministic_paths(torch.ops.hypercolumn_ops, "cuda", order)
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_bias_segments(order, enabled):
+    with deterministic_algorithms(enabled):
+        check_bias_segments(torch.ops.hypercolumn_ops, "cuda", order)
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)

@@ -16,6 +16,7 @@ import cases  # noqa: E402
 import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import ops as api  # noqa: E402
 from hypercolumn_ops.planning import PROJECT_SCORES, SAMPLE_FEATURES  # noqa: E402
+from kernel_checks import check_bias_segments, deterministic_algorithms  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
@@ -92,6 +93,14 @@ def test_deterministic_algorithms(case, order, monkeypatch):
     assert torch.equal(first[0].nan_to_num(), second[0].nan_to_num())
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("order", [SAMPLE_FEATURES, PROJECT_SCORES], ids=["sample_features", "project_scores"])
+def test_bias_segments(order, enabled):
+    import hypercolumn_ops.triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
+    with deterministic_algorithms(enabled):
+        check_bias_segments(torch.ops.hypercolumn_ops_triton, DEVICE, order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -204,29 +204,53 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
 }
 
-// grad_bias[row, k, m]: one warp per element; lane l sums, in order, slots l, l + 32, ... of the
-// row's points (one point, or the oh * ow grid of a box) whose cell is k, then a fixed shuffle
-// tree adds the lanes: the same order on every run.
-template <typename scalar_t, typename acc_t>
-__global__ void bias_grad_kernel(int64_t rows, int64_t points_per_row, int64_t cells, int64_t outputs,
-                                 const acc_t* slot_grads, const int64_t* slot_keys, scalar_t* grad_bias) {
-  const int lane = threadIdx.x % 32;
-  const int64_t total = rows * cells * outputs;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; index < total;
-       index += warps) {
-    const int64_t row = index / (cells * outputs);
-    const int64_t cell = (index / outputs) % cells;
+// grad_bias[row, k, m], first pass: warp (segment, row, cell chunk, output m) adds the slot
+// gradients of one segment of the row's slots (the row is one point, or the oh * ow grid of a
+// box) into the cells of its chunk. Lane l adds slots l, l + 32, ... in order, each into its own
+// column of shared bins (one per cell); then a fixed shuffle tree adds the lanes of each cell.
+// The second pass sums the segments in order (at::sum): the same bits on every run. Each slot is
+// read once per (cell chunk, output), and segments keep the GPU busy when rows * M is small.
+constexpr int kBiasWarps = 4;
+constexpr int kBiasCellChunk = 32;
+
+template <typename acc_t>
+__global__ void bias_grad_partials_kernel(int64_t rows, int64_t slots_per_row, int64_t segment_slots,
+                                          int64_t segments, int cells, int64_t outputs, const acc_t* slot_grads,
+                                          const int64_t* slot_keys, acc_t* partials) {
+  __shared__ acc_t bins[kBiasWarps][kBiasCellChunk][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int chunks = (cells + kBiasCellChunk - 1) / kBiasCellChunk;
+  const int64_t total = segments * rows * chunks * outputs;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * kBiasWarps + warp; index < total;
+       index += static_cast<int64_t>(gridDim.x) * kBiasWarps) {
     const int64_t output = index % outputs;
-    acc_t sum = 0;
-    const int64_t end = (row + 1) * points_per_row * kSlots;
-    for (int64_t s = row * points_per_row * kSlots + lane; s < end; s += 32) {
+    const int first_cell = static_cast<int>((index / outputs) % chunks) * kBiasCellChunk;
+    const int64_t row = (index / (outputs * chunks)) % rows;
+    const int64_t segment = index / (outputs * chunks * rows);
+    const int width = min(kBiasCellChunk, cells - first_cell);
+    acc_t(*bin)[32] = bins[warp];
+    for (int c = 0; c < width; ++c) bin[c][lane] = acc_t(0);
+    const int64_t begin = row * slots_per_row + segment * segment_slots;
+    const int64_t end = min(begin + segment_slots, (row + 1) * slots_per_row);
+    for (int64_t s = begin + lane; s < end; s += 32) {
       const int64_t key = slot_keys[s];
-      if (key >= 0 && key % cells == cell) sum += slot_grads[s * outputs + output];
+      // Keys are label * KK + cell < NC * KK, an int; -1 marks a slot without gradient.
+      const int c = key < 0 ? -1 : static_cast<int>(key) % cells - first_cell;
+      if (c >= 0 && c < width) bin[c][lane] += slot_grads[s * outputs + output];
     }
-    sum = warp_sum(sum);
-    if (lane == 0) grad_bias[index] = static_cast<scalar_t>(sum);
+    for (int c = 0; c < width; ++c) {
+      const acc_t sum = warp_sum(bin[c][lane]);
+      if (lane == 0) partials[((segment * rows + row) * cells + first_cell + c) * outputs + output] = sum;
+    }
   }
+}
+
+// Segments per row for the bias gradient: enough warps to fill the GPU (about 4,096), each
+// segment at least 256 slots (8 per lane).
+int64_t bias_segment_slots(int64_t rows, int64_t slots_per_row, int64_t cells, int64_t outputs) {
+  const int64_t warps = rows * ceil_div(cells, kBiasCellChunk) * outputs;
+  const int64_t segments = std::min(ceil_div(4096, warps), ceil_div(slots_per_row, 256));
+  return ceil_div(slots_per_row, std::max<int64_t>(segments, 1));
 }
 
 // Order 1 backward: thread (point, output m) adds its slots' score gradients onto the score-map
@@ -608,13 +632,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
   const int64_t batch = first.size(0);
   const auto acc_type = coordinate_type(first.scalar_type());
   std::vector<at::Tensor> grad_features(features.size()), grad_weights(features.size());
-  at::Tensor grad_bias = at::zeros({a.num_rows, a.cells, a.outputs}, first.options());
+  at::Tensor grad_bias;
   if (a.num_points == 0 || batch == 0) {
     for (size_t l = 0; l < features.size(); ++l) {
       grad_features[l] = at::zeros_like(features[l]);
       grad_weights[l] = at::zeros_like(weights[l]);
     }
-    return {grad_features, grad_weights, grad_bias};
+    return {grad_features, grad_weights, at::zeros({a.num_rows, a.cells, a.outputs}, first.options())};
   }
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -636,12 +660,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     const int64_t* keys = slot_keys.data_ptr<int64_t>();
 
     const auto src = fused_source<acc_t>(a, batch);
-    const int64_t points_per_row = a.grid_h == 0 ? 1 : a.grid_h * a.grid_w;
-    const int64_t bias_total = a.num_rows * a.cells * a.outputs;
-    const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_total, 256 / 32), 65535));
-    bias_grad_kernel<scalar_t, acc_t><<<bias_blocks, 256, 0, stream>>>(a.num_rows, points_per_row, a.cells, a.outputs,
-                                                                         g, keys, grad_bias.data_ptr<scalar_t>());
+    const int64_t slots_per_row = (a.grid_h == 0 ? 1 : a.grid_h * a.grid_w) * kSlots;
+    const int64_t segment_slots = bias_segment_slots(a.num_rows, slots_per_row, a.cells, a.outputs);
+    const int64_t segments = ceil_div(slots_per_row, segment_slots);
+    const at::Tensor partials = at::empty({segments, a.num_rows, a.cells, a.outputs}, slot_grads.options());
+    const int64_t bias_warps = segments * a.num_rows * ceil_div(a.cells, kBiasCellChunk) * a.outputs;
+    const int bias_blocks = static_cast<int>(std::min<int64_t>(ceil_div(bias_warps, kBiasWarps), 65535));
+    bias_grad_partials_kernel<acc_t><<<bias_blocks, kBiasWarps * 32, 0, stream>>>(
+        a.num_rows, slots_per_row, segment_slots, segments, static_cast<int>(a.cells), a.outputs, g, keys,
+        partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_bias = at::sum(partials, at::IntArrayRef{0}).to(first.scalar_type());
 
     for (size_t l = 0; l < features.size(); ++l) {
       const at::Tensor& f = features[l];

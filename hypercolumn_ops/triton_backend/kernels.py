@@ -430,6 +430,31 @@ def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, t
 
 
 @triton.jit
+def bias_grad_partials_kernel(cell_grads_ptr, cell_keys_ptr, rows, slots_per_row, segment_slots, cells, num_outputs,
+                              partials_ptr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bias gradient, first pass: program (segment * rows + row, output m) adds the cell
+    gradients of one segment of the row's slots (4 per point; a row is one point or a box's grid)
+    by cell ``key % KK``, in tiles of ``BLOCK_S`` slots in order: ``partials (segments, rows, KK,
+    M)``. The segments are summed in order afterwards, so every run gives the same bits."""
+    program = tl.program_id(0).to(tl.int64)
+    output = tl.program_id(1).to(tl.int64)
+    row = program % rows
+    segment = program // rows
+    begin = row * slots_per_row + segment * segment_slots
+    end = tl.minimum(begin + segment_slots, (row + 1) * slots_per_row)
+    offs_k = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_K], ACC)
+    for first in range(begin, end, BLOCK_S):
+        offs_s = first + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < end
+        cell = tl.load(cell_keys_ptr + offs_s, mask=mask_s, other=0) % cells
+        grad = tl.load(cell_grads_ptr + offs_s * num_outputs + output, mask=mask_s, other=0.0)
+        total += tl.sum(tl.where(cell[:, None] == offs_k[None, :], grad[:, None], 0.0), axis=0)
+    out = partials_ptr + ((segment * rows + row) * cells + offs_k) * num_outputs + output
+    tl.store(out, total, mask=offs_k < cells)
+
+
+@triton.jit
 def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, cell_grads_ptr, num_outputs,
                                 tap_keys_ptr, tap_weights_ptr, tap_sentinel, feature_ptr, stride_b, stride_c, stride_h,
                                 stride_w, channels, height, width, grad_weight_ptr, ACC: tl.constexpr,

@@ -330,13 +330,21 @@ class FusedOp:
 
     def _bias_grad(self, cell_grads: _CellGrads) -> Tensor:
         """``(rows, KK, M)``: each point's cell gradients summed into its row's cells (over the
-        whole grid of a box), with torch's index_put_ (deterministic when requested)."""
+        whole grid of a box). Segments of each row's slots give partial sums in parallel
+        (``bias_grad_partials_kernel``), then the segments are summed in order: deterministic."""
         p = self.points
-        grad_bias = torch.zeros(p.rows * self.cells, self.outputs, dtype=self.acc, device=p.coords.device)
-        rows = torch.arange(p.count, device=p.coords.device).div(p.cells_per_box, rounding_mode="floor")
-        index = rows.repeat_interleave(4) * self.cells + cell_grads.keys % self.cells
-        grad_bias.index_put_((index,), cell_grads.grads.view(-1, self.outputs), accumulate=True)
-        return grad_bias.view(p.rows, self.cells, self.outputs).to(self.features[0].dtype)
+        if p.count == 0:
+            return torch.zeros(p.rows, self.cells, self.outputs, dtype=self.features[0].dtype, device=p.coords.device)
+        slots_per_row = 4 * p.cells_per_box
+        # Enough programs to fill a GPU (about 2,048), each segment at least 512 slots.
+        segments = max(1, min(-(-2048 // (p.rows * self.outputs)), -(-slots_per_row // 512)))
+        segment_slots = -(-slots_per_row // segments)
+        segments = -(-slots_per_row // segment_slots)
+        partials = torch.empty(segments, p.rows, self.cells, self.outputs, dtype=self.acc, device=p.coords.device)
+        kernels.bias_grad_partials_kernel[(segments * p.rows, self.outputs)](
+            cell_grads.grads, cell_grads.keys, p.rows, slots_per_row, segment_slots, self.cells, self.outputs,
+            partials, ACC=_TL_DTYPES[self.acc], BLOCK_S=128, BLOCK_K=triton.next_power_of_2(self.cells))
+        return partials.sum(0).to(self.features[0].dtype)
 
     def _project_scores_grads(self, feature: Tensor, weight: Tensor, entries: _TapEntries,
                               cell_grads: _CellGrads) -> Tuple[Tensor, Tensor]:
