@@ -47,9 +47,24 @@ def _read(path: str):
         return file.read()
 
 
+_FAILED = []  # the first failed build's error, raised again by every later call
+
+
 def build(verbose: bool = False):
     """Writes the rewritten sources under build/cuda_emulation/ and loads the extension (cached by
-    torch.utils.cpp_extension between runs while the sources do not change)."""
+    torch.utils.cpp_extension between runs while the sources do not change). A failed build fails
+    every later call in the process too: torch.utils.cpp_extension would otherwise take the same
+    sources as built and load the previous build's library."""
+    if _FAILED:
+        raise _FAILED[0]
+    try:
+        return _build(verbose)
+    except Exception as error:
+        _FAILED.append(error)
+        raise
+
+
+def _build(verbose: bool):
     out = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
     sources = []
