@@ -79,6 +79,7 @@ def boxes(count, dtype, device, generator=None, image=IMAGE, batch=BATCH) -> tor
     rand[:, 1], rand[:, 2] = x1, y1
     rand[:, 3] = x1 + 2 + rand[:, 3] * width * 0.7
     rand[:, 4] = y1 + 2 + rand[:, 4] * height * 0.7
+    special[:, 0] = special[:, 0].clamp(max=batch - 1)
     return torch.cat([special, rand]).to(dtype=dtype, device=device)
 
 

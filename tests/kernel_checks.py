@@ -148,6 +148,29 @@ def check_bias_segments(ops, device, order) -> None:
             assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
 
+def check_score_products(ops, device) -> None:
+    """Order 1 (project the map to score channels) through cuBLAS: one 2-D product where the
+    images' pixels stack in memory (one image; a channels_last map), a batched product otherwise
+    (several NCHW images). Each layout, with contiguous weights and with strided ones (the weight
+    gradient then takes the weights' strides), against the reference in float64."""
+    g = torch.Generator().manual_seed(17)
+    for batch, layout in ((1, "contiguous"), (1, "channels_last"), (2, "channels_last"), (2, "contiguous")):
+        f = cases.features(torch.float64, device, layout, g, requires_grad=True, batch=batch)
+        boxes = cases.boxes(5, torch.float32, device, g, batch=batch)
+        for strided in (False, True):
+            w = cases.classifier(3, 2, None, torch.float64, device, g)
+            if strided:  # every other output of a classifier with twice as many
+                w = [torch.cat([x, x], dim=1)[:, ::2] for x in w]
+            w = [x.requires_grad_() for x in w]
+            case = cases.Case("fused_hypercolumn", (f, boxes, w),
+                              dict(output_size=(4, 3), image_size=cases.IMAGE, activation="sigmoid"),
+                              f"B{batch}-{layout}-{'strided' if strided else 'contiguous'}-weights")
+            inputs = cases.differentiable_inputs(case)
+            actual = forward_and_grads(lambda: run_in_order(case, ops, 1), inputs)
+            expected = forward_and_grads(lambda: run_in_order(case, reference, 1), inputs)
+            assert_all_close(actual, expected, RTOL64, ATOL64, str(case))
+
+
 def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
     """Rows with a batch index out of range, a non-integer one, a NaN or infinite coordinate, or a
     label out of range give NaN outputs, and the other rows' outputs and gradients are those of a

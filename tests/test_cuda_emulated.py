@@ -17,8 +17,8 @@ import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, forward_and_grads, run_in_order,
-                           wide_load_cases)
+                           check_deterministic_paths, check_invalid_rows, check_score_products, forward_and_grads,
+                           run_in_order, wide_load_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -31,6 +31,8 @@ class _Emulated:
     namespace = None
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # pytest's collection looks up names such as __test__: no build
+            raise AttributeError(name)
         if _Emulated.namespace is None:
             build.build()
             _native.register_fake_and_autograd(build.NAMESPACE)
@@ -128,3 +130,7 @@ def test_emulated_deterministic_paths(order, deterministic):
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_emulated_bias_segments(order, deterministic):
     check_bias_segments(EMULATED, "cpu", order)
+
+
+def test_emulated_score_products(deterministic):
+    check_score_products(EMULATED, "cpu")

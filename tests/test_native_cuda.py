@@ -17,8 +17,8 @@ from hypercolumn_ops import reference
 
 import cases
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, deterministic_algorithms, forward_and_grads,
-                           run_in_order, wide_load_cases)
+                           check_deterministic_paths, check_invalid_rows, check_score_products,
+                           deterministic_algorithms, forward_and_grads, run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -160,6 +160,12 @@ def test_deterministic_paths(order, deterministic):
 def test_bias_segments(order, enabled):
     with deterministic_algorithms(enabled):
         check_bias_segments(torch.ops.hypercolumn_ops, "cuda", order)
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+def test_score_products(enabled):
+    with deterministic_algorithms(enabled):
+        check_score_products(torch.ops.hypercolumn_ops, "cuda")
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)

@@ -404,6 +404,13 @@ at::Tensor pixel_matrix(const at::Tensor& t) {
                       t.storage_offset());
 }
 
+// The (B * H*W, C) view of a pixel matrix whose images follow one another in memory (one image,
+// or a channels_last map), so that one 2-D product replaces a batched one; undefined otherwise.
+at::Tensor stacked_pixels(const at::Tensor& pixels) {
+  if (pixels.size(0) != 1 && pixels.stride(0) != pixels.size(1) * pixels.stride(1)) return {};
+  return pixels.view({-1, pixels.size(2)});
+}
+
 // Whether cuBLAS gives the same bits on every run: with CUDA >= 10.2 only under a fixed workspace
 // configuration (the package sets CUBLAS_WORKSPACE_CONFIG=:4096:8 when it is imported and the
 // variable is unset; PyTorch's own matrix products need the same).
@@ -508,10 +515,13 @@ PointSource<acc_t> fused_source(const FusedArgs& a, int64_t batch) {
           a.classes};
 }
 
-// Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T by cuBLAS.
+// Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T by cuBLAS,
+// as one 2-D product where the images' pixels stack (a 2-D product costs the host less).
 at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight) {
   const at::Tensor pixels = pixel_matrix(feature);
   const at::Tensor transposed = weight.reshape({-1, feature.size(1)}).t();
+  const at::Tensor stacked = stacked_pixels(pixels);
+  if (stacked.defined()) return at::mm(stacked, transposed).view({pixels.size(0), pixels.size(1), -1});
   return at::bmm(pixels, transposed.unsqueeze(0).expand({feature.size(0), -1, -1}));
 }
 
@@ -697,8 +707,19 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         // Dense (effective_order), so empty_like keeps the map's strides and its pixel matrix exists.
         grad_features[l] = at::empty_like(f);
         at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
+        const at::Tensor pixels = pixel_matrix(f);
+        const at::Tensor stacked = stacked_pixels(pixels);
+        at::Tensor stacked_grad = stacked_pixels(grad_pixels);
+        if (stacked.defined() && stacked_grad.defined()) {
+          // One 2-D product each; the weight gradient's sums over images happen inside cuBLAS.
+          const at::Tensor rows_grad = score_grad_typed.view({-1, score_rows});
+          at::mm_out(stacked_grad, rows_grad, weight_matrix);
+          const at::Tensor grad_weight = at::mm(rows_grad.t(), stacked).view(weights[l].sizes());
+          grad_weights[l] = weights[l].is_contiguous() ? grad_weight : at::empty_like(weights[l]).copy_(grad_weight);
+          continue;
+        }
         at::bmm_out(grad_pixels, score_grad_typed, weight_matrix.unsqueeze(0).expand({batch, -1, -1}));
-        const at::Tensor per_image = at::bmm(score_grad_typed.transpose(1, 2), pixel_matrix(f));
+        const at::Tensor per_image = at::bmm(score_grad_typed.transpose(1, 2), pixels);
         grad_weights[l] = at::empty_like(weights[l]).copy_(
             at::sum(per_image, at::IntArrayRef{0}, false, acc_type).view(weights[l].sizes()));
         continue;
