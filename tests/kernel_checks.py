@@ -59,6 +59,19 @@ def assert_all_close(actual, expected, rtol, atol, what):
         torch.testing.assert_close(g, ref_g, rtol=rtol, atol=atol, msg=lambda m: f"{what} grad {index}: {m}")
 
 
+def check_case(ops, case: cases.Case, order) -> None:
+    """One case through ``ops`` (an operator namespace) against the reference in float64, output
+    and gradients, fused layers in ``order``; the same bits twice when deterministic algorithms
+    are on."""
+    inputs = cases.differentiable_inputs(case)
+    actual = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
+    expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
+    assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
+    if torch.are_deterministic_algorithms_enabled():
+        again = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
+        assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
+
+
 def wide_load_cases(dtype, device) -> Tuple[List[torch.Tensor], List[cases.Case]]:
     """Channel counts that are multiples of every vector width (16 bytes: 2 float64 ... 8 float16),
     so the sampling kernels take their wide-load path, which the odd channel counts of cases.py
@@ -95,14 +108,7 @@ def check_deterministic_paths(ops, device, order) -> None:
                             dict(output_size=(1, 1), image_size=cases.IMAGE, padding="zeros"), "grid1x1"),
                  cases.Case("sparse_hypercolumn", (f, crowded_points), {"image_size": cases.IMAGE}, "crowded"),
                  cases.Case("box_hypercolumn", (f, crowd, (20, 20)), {"image_size": cases.IMAGE}, "crowded")):
-        case_order = order if case.op.startswith("fused") else None
-        inputs = cases.differentiable_inputs(case)
-        actual = forward_and_grads(lambda: run_in_order(case, ops, case_order), inputs)
-        expected = forward_and_grads(lambda: run_in_order(case, reference, case_order), inputs)
-        assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
-        if torch.are_deterministic_algorithms_enabled():
-            again = forward_and_grads(lambda: run_in_order(case, ops, case_order), inputs)
-            assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
+        check_case(ops, case, order if case.op.startswith("fused") else None)
 
 
 @contextlib.contextmanager
@@ -139,13 +145,7 @@ def check_bias_segments(ops, device, order) -> None:
          torch.randn(49, 1, generator=g, dtype=torch.float64).to(device).requires_grad_()),
         dict(output_size=(9, 11), image_size=cases.IMAGE), "bias-cell-chunks")
     for case in (labelled, many_cells):
-        inputs = cases.differentiable_inputs(case)
-        actual = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
-        expected = forward_and_grads(lambda: run_in_order(case, reference, order), inputs)
-        assert_all_close(actual, expected, RTOL64, ATOL64, f"{case} order {order}")
-        if torch.are_deterministic_algorithms_enabled():
-            again = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
-            assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
+        check_case(ops, case, order)
 
 
 def check_score_products(ops, device) -> None:
@@ -165,10 +165,7 @@ def check_score_products(ops, device) -> None:
             case = cases.Case("fused_hypercolumn", (f, boxes, w),
                               dict(output_size=(4, 3), image_size=cases.IMAGE, activation="sigmoid"),
                               f"B{batch}-{layout}-{'strided' if strided else 'contiguous'}-weights")
-            inputs = cases.differentiable_inputs(case)
-            actual = forward_and_grads(lambda: run_in_order(case, ops, 1), inputs)
-            expected = forward_and_grads(lambda: run_in_order(case, reference, 1), inputs)
-            assert_all_close(actual, expected, RTOL64, ATOL64, str(case))
+            check_case(ops, case, 1)
 
 
 def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
