@@ -89,7 +89,9 @@ def _check_batch_column(name: str, rows: Tensor, batch: int) -> None:
     if rows.shape[0] == 0 or not _checking_values():
         return
     column = rows[:, 0]
-    if not bool(((column >= 0) & (column < batch) & (column == column.floor())).all()):
+    # An integer value in [0, B) equals its floor clamped to [0, B - 1]; NaN never does. Four
+    # elementwise launches instead of seven, before the one synchronisation.
+    if not bool(column.eq(column.floor().clamp_(0, batch - 1)).all()):
         raise ValueError(f"{name}: column 0 (batch index) must hold integer values in [0, {batch}), "
                          f"got values in [{column.min().item()}, {column.max().item()}]")
 
@@ -215,7 +217,7 @@ def _check_labels(labels: Optional[Tensor], class_specific: bool, count: int, cl
         raise ValueError(f"labels: expected shape ({rows},) = ({count},), got {tuple(labels.shape)}")
     if labels.device != features[0].device:
         raise ValueError(f"labels: device {labels.device} differs from the features' {features[0].device}")
-    if count and _checking_values() and not bool(((labels >= 0) & (labels < classes)).all()):
+    if count and _checking_values() and not bool(labels.eq(labels.clamp(0, classes - 1)).all()):
         raise ValueError(f"labels: expected values in [0, {classes}), got values in "
                          f"[{labels.min().item()}, {labels.max().item()}]")
     return labels.contiguous()
