@@ -206,6 +206,14 @@ def _feature_grad(feature: Tensor, accumulated: Tensor) -> Tensor:
     return expected.copy_(accumulated)
 
 
+def _accumulation_buffer(feature: Tensor, acc: torch.dtype, channels: Optional[int] = None) -> Tensor:
+    """Zeros of ``feature``'s shape (``channels`` channels if given) in the accumulation dtype,
+    channels_last: the channel lanes of a scatter then add to consecutive addresses."""
+    batch, own_channels, height, width = feature.shape
+    return torch.zeros(batch, own_channels if channels is None else channels, height, width, dtype=acc,
+                       device=feature.device).contiguous(memory_format=torch.channels_last)
+
+
 def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
@@ -220,7 +228,7 @@ def sample_hypercolumns_backward(grad: Tensor, features: List[Tensor], points: P
     offset = 0
     for layer, feature in enumerate(features):
         channels = feature.shape[1]
-        target = torch.zeros_like(feature, dtype=acc)
+        target = _accumulation_buffer(feature, acc)
         entries = _TapEntries(feature, points, scales[2 * layer:], padding, 1, deterministic)
         scatter_to_taps(entries, points, target, channels, kernels.SAMPLE_GRADS, grad=grad.narrow(1, offset, channels))
         offset += channels
@@ -350,9 +358,9 @@ class FusedOp:
                               cell_grads: _CellGrads) -> Tuple[Tensor, Tensor]:
         """Scatter the cell gradients into the score map's gradient, then the 1x1 convolution's
         two matrix products give the feature's and the weight's gradients."""
-        batch, _, height, width = feature.shape
+        _, _, height, width = feature.shape
         channels = self.num_classes * self.cells * self.outputs
-        target = torch.zeros(batch, channels, height, width, dtype=self.acc, device=feature.device)
+        target = _accumulation_buffer(feature, self.acc, channels)
         p = self.points
         if p.count and entries.segments is None:
             blocks = self.blocks
@@ -373,8 +381,8 @@ class FusedOp:
                                cell_grads: _CellGrads) -> Tuple[Tensor, Tensor]:
         """Feature gradient: each point's ``sum grad_cell x W[cell]`` scattered to its taps. Weight
         gradient: per cell key, ``sum_p grad_cell[p] x f(p)`` (deterministic segments)."""
-        batch, channels, height, width = feature.shape
-        target = torch.zeros_like(feature, dtype=self.acc)
+        _, channels, height, width = feature.shape
+        target = _accumulation_buffer(feature, self.acc)
         scatter_to_taps(entries, self.points, target, channels, kernels.FEATURE_GRADS, cell_grads=cell_grads,
                         weight=weight)
         grad_weight = torch.zeros(self.num_classes * self.cells, self.outputs, channels, dtype=self.acc,
