@@ -181,28 +181,28 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
-// Channels c .. c + VEC - 1 in one aligned load per tap (the caller checked wide_loads_allowed).
+// The four taps of channels c .. c + VEC - 1, one load per tap: VEC > 1 needs unit channel stride
+// and aligned addresses (the caller checked wide_loads_allowed). Loading is kept apart from
+// blending (blend_taps) so that a thread can issue the loads of several points first.
 template <int VEC, typename acc_t, typename scalar_t>
-__device__ __forceinline__ void gather_wide(const MapView<const scalar_t*>& map, const PointTaps<acc_t>& t,
-                                            int64_t c, acc_t (&out)[VEC]) {
-  if (VEC == 1) {
-    out[0] = gather(map, t, c);
-    return;
-  }
-  const scalar_t* base = map.data + t.b * map.stride_b + c;
+__device__ __forceinline__ void load_taps(const MapView<const scalar_t*>& map, const PointTaps<acc_t>& t, int64_t c,
+                                          Pack<scalar_t, VEC> (&out)[4]) {
+  const scalar_t* base = map.data + t.b * map.stride_b + c * map.stride_c;
   const BilinearTaps<acc_t>& q = t.taps;
-  const Pack<scalar_t, VEC> p00 = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
-      base + q.y0 * map.stride_y + q.x0 * map.stride_x);
-  const Pack<scalar_t, VEC> p01 = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
-      base + q.y0 * map.stride_y + q.x1 * map.stride_x);
-  const Pack<scalar_t, VEC> p10 = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
-      base + q.y1 * map.stride_y + q.x0 * map.stride_x);
-  const Pack<scalar_t, VEC> p11 = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
-      base + q.y1 * map.stride_y + q.x1 * map.stride_x);
+  out[0] = *reinterpret_cast<const Pack<scalar_t, VEC>*>(base + q.y0 * map.stride_y + q.x0 * map.stride_x);
+  out[1] = *reinterpret_cast<const Pack<scalar_t, VEC>*>(base + q.y0 * map.stride_y + q.x1 * map.stride_x);
+  out[2] = *reinterpret_cast<const Pack<scalar_t, VEC>*>(base + q.y1 * map.stride_y + q.x0 * map.stride_x);
+  out[3] = *reinterpret_cast<const Pack<scalar_t, VEC>*>(base + q.y1 * map.stride_y + q.x1 * map.stride_x);
+}
+
+template <int VEC, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void blend_taps(const PointTaps<acc_t>& t, const Pack<scalar_t, VEC> (&p)[4],
+                                           acc_t (&out)[VEC]) {
+  const BilinearTaps<acc_t>& q = t.taps;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    out[v] = q.w00 * static_cast<acc_t>(p00.v[v]) + q.w01 * static_cast<acc_t>(p01.v[v]) +
-             q.w10 * static_cast<acc_t>(p10.v[v]) + q.w11 * static_cast<acc_t>(p11.v[v]);
+    out[v] = q.w00 * static_cast<acc_t>(p[0].v[v]) + q.w01 * static_cast<acc_t>(p[1].v[v]) +
+             q.w10 * static_cast<acc_t>(p[2].v[v]) + q.w11 * static_cast<acc_t>(p[3].v[v]);
   }
 }
 

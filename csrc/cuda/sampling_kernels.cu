@@ -27,23 +27,36 @@ __global__ void __launch_bounds__(kChannelThreads)
   const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), num_points - first));
   for (int t = threadIdx.x; t < count; t += blockDim.x) {
     const Point<acc_t> pt = point_at(src, first + t);
-    taps[t] = point_taps(pt, map, scale_y, scale_x, padding);
+    PointTaps<acc_t> point = point_taps(pt, map, scale_y, scale_x, padding);
+    if (!point.valid) {  // taps that read pixel (0, 0) of image 0 with NaN weights: a NaN sample
+      point.b = 0;
+      point.taps = {0, 0, 0, 0, acc_t(NAN), acc_t(NAN), acc_t(NAN), acc_t(NAN)};
+    }
+    taps[t] = point;
     out_base[t] = output_offset(out_strides, pt);
   }
   __syncthreads();
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (c >= map.channels) return;
-  for (int t = 0; t < count; ++t) {
-    acc_t value[VEC];
-    if (taps[t].valid) {
-      gather_wide<VEC>(map, taps[t], c, value);
-    } else {
+  // Points in groups: a thread issues all the tap loads of a group, then blends and stores, so that
+  // it has 4 x kGroup loads in flight (a store could alias the map, which keeps the compiler from
+  // moving a later point's loads above it). No branch among the loads: invalid points read safe
+  // taps with NaN weights, and a short last group repeats its last point.
+  constexpr int kGroup = VEC == 1 ? 8 : 2;
+  for (int t0 = 0; t0 < count; t0 += kGroup) {
+    Pack<scalar_t, VEC> loaded[kGroup][4];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) value[v] = static_cast<acc_t>(NAN);
+    for (int g = 0; g < kGroup; ++g) load_taps<VEC>(map, taps[min(t0 + g, count - 1)], c, loaded[g]);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (t0 + g < count) {
+        acc_t value[VEC];
+        blend_taps<VEC>(taps[t0 + g], loaded[g], value);
+        scalar_t* destination = out + out_base[t0 + g] + (column_offset + c) * out_strides.column;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) destination[v * out_strides.column] = static_cast<scalar_t>(value[v]);
+      }
     }
-    scalar_t* destination = out + out_base[t] + (column_offset + c) * out_strides.column;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) destination[v * out_strides.column] = static_cast<scalar_t>(value[v]);
   }
 }
 
