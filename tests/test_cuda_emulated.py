@@ -17,8 +17,8 @@ import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, check_score_products, forward_and_grads,
-                           run_in_order, wide_load_cases)
+                           check_deterministic_paths, check_invalid_rows, check_score_products,
+                           deterministic_algorithms, forward_and_grads, run_in_order, wide_load_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -50,10 +50,8 @@ RUN_IDS = [f"{CASES[index]!r}" + ("" if order is None else f"-order{order}") for
 
 @pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
 def deterministic(request):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(request.param)
-    yield request.param
-    torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("index,order", RUNS, ids=RUN_IDS)

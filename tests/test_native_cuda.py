@@ -41,10 +41,8 @@ def native_cuda_built():
 
 @pytest.fixture
 def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(True):
+        yield
 
 
 def normalised_args(case):

@@ -28,8 +28,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   for (int t = threadIdx.x; t < count; t += blockDim.x) {
     const Point<acc_t> pt = point_at(src, first + t);
     PointTaps<acc_t> point = point_taps(pt, map, scale_y, scale_x, padding);
-    if (!point.valid) {  // taps that read pixel (0, 0) of image 0 with NaN weights: a NaN sample
-      point.b = 0;
+    if (!point.valid) {  // image 0 (point_at's b), pixel (0, 0), NaN weights: a NaN sample
       point.taps = {0, 0, 0, 0, acc_t(NAN), acc_t(NAN), acc_t(NAN), acc_t(NAN)};
     }
     taps[t] = point;

@@ -210,8 +210,8 @@ def _accumulation_buffer(feature: Tensor, acc: torch.dtype, channels: Optional[i
     """Zeros of ``feature``'s shape (``channels`` channels if given) in the accumulation dtype,
     channels_last: the channel lanes of a scatter then add to consecutive addresses."""
     batch, own_channels, height, width = feature.shape
-    return torch.zeros(batch, own_channels if channels is None else channels, height, width, dtype=acc,
-                       device=feature.device).contiguous(memory_format=torch.channels_last)
+    return torch.empty(batch, own_channels if channels is None else channels, height, width, dtype=acc,
+                       device=feature.device, memory_format=torch.channels_last).zero_()
 
 
 def _deterministic() -> bool:
