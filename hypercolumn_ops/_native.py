@@ -56,11 +56,10 @@ def available(device_type: str) -> bool:
     return device_type == "cuda" and BUILD_INFO["with_cuda"] and torch.cuda.is_available()
 
 
-def register_fake_and_autograd(namespace: str) -> None:
-    """Fake kernels (shapes only) and autograd formulas of the operators of ``namespace``: the
-    compiled ones, or another backend's with the same schema (csrc/ops.cpp)."""
+def register_fakes(namespace: str) -> None:
+    """Fake kernels (shapes only) of the operators of ``namespace``: the compiled ones, or another
+    backend's with the same schema (csrc/ops.cpp)."""
     lib = namespace + "::"
-    ops = getattr(torch.ops, namespace)
 
     def empty_features_like(features):
         return [torch.empty_like(f) for f in features]
@@ -108,8 +107,15 @@ def register_fake_and_autograd(namespace: str) -> None:
           orders):
         return fused_backward_fake(features, points.shape[0], weights)
 
-    # Autograd: gradients flow to features, weights and bias; coordinates, locations and labels
-    # are constants, as in torchvision.ops.roi_align. Backward recomputes what forward sampled.
+
+def register_autograd(namespace: str) -> None:
+    """Autograd formulas of the operators of a backend defined in Python (Triton), the same as
+    csrc/autograd.cpp's for the compiled operators: gradients flow to features, weights and bias;
+    coordinates, locations and labels are constants, as in torchvision.ops.roi_align. Backward
+    recomputes what forward sampled."""
+    lib = namespace + "::"
+    ops = getattr(torch.ops, namespace)
+
     def keep_inputs(ctx, inputs, output):
         # Tensors (also those inside lists, and None for absent optional tensors) go through
         # save_for_backward; the rest of the arguments are plain values.
@@ -170,4 +176,4 @@ def register_fake_and_autograd(namespace: str) -> None:
 
 
 if _C is not None:
-    register_fake_and_autograd("hypercolumn_ops")
+    register_fakes("hypercolumn_ops")  # the autograd formulas are compiled (csrc/autograd.cpp)

@@ -35,7 +35,7 @@ class _Emulated:
             raise AttributeError(name)
         if _Emulated.namespace is None:
             build.build()
-            _native.register_fake_and_autograd(build.NAMESPACE)
+            _native.register_fakes(build.NAMESPACE)
             _Emulated.namespace = getattr(torch.ops, build.NAMESPACE)
         return getattr(_Emulated.namespace, name)
 

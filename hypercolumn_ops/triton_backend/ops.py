@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import launchers
-from .._native import register_fake_and_autograd
+from .._native import register_autograd, register_fakes
 
 NAMESPACE = "hypercolumn_ops_triton"
 
@@ -114,4 +114,5 @@ def fused_hypercolumn_points_backward(grad: Tensor, features: List[Tensor], poin
                              activation, orders).backward(grad)
 
 
-register_fake_and_autograd(NAMESPACE)
+register_fakes(NAMESPACE)
+register_autograd(NAMESPACE)

@@ -8,7 +8,8 @@ The sources are copied with a few mechanical rewrites (nothing else in them chan
   checks, cub's radix sort);
 - ``.is_cuda()`` -> ``.is_cpu()`` (the emulated kernels take CPU tensors);
 - the operators are registered as ``torch.ops.hypercolumn_ops_cuda_emulated`` for CPU tensors
-  (``csrc/ops.cpp``'s schema under that name), beside the real ``hypercolumn_ops``.
+  (``csrc/ops.cpp``'s schema and ``csrc/autograd.cpp``'s formulas under that name), beside the real
+  ``hypercolumn_ops``.
 """
 
 import os
@@ -37,6 +38,8 @@ def rewrite(text: str) -> str:
         text = text.replace("#pragma once\n", '#pragma once\n\n#include "cuda_emulation.h"\n', 1)
     text = text.replace(".is_cuda()", ".is_cpu()")
     text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
+    text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, Autograd, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, Autograd, m)")
+    text = text.replace('"hypercolumn_ops::', f'"{NAMESPACE}::')
     return text.replace("TORCH_LIBRARY(hypercolumn_ops, m)", f"TORCH_LIBRARY({NAMESPACE}, m)")
 
 
@@ -68,7 +71,7 @@ def _build(verbose: bool):
     out = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
     sources = []
-    for relative in ("ops.cpp", "cuda/common.cuh", "cuda/sampling_kernels.cu", "cuda/fused_kernels.cu"):
+    for relative in ("ops.cpp", "autograd.cpp", "cuda/common.cuh", "cuda/sampling_kernels.cu", "cuda/fused_kernels.cu"):
         with open(os.path.join(ROOT, "csrc", relative)) as file:
             text = rewrite(file.read())
         target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)
