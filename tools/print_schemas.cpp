@@ -1,22 +1,25 @@
 // Loads libhypercolumn_ops (linked without --as-needed) and prints the schema of every
-// hypercolumn_ops operator and the dispatch keys it has kernels for; exits 1 if none are found
-// or one lacks a CPU kernel.
+// hypercolumn_ops operator and the dispatch keys it has kernels for; exits 1 if none are found,
+// one lacks a CPU kernel, or a forward operator lacks its autograd formula (csrc/autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <iostream>
+#include <string>
 
 int main() {
-  int found = 0, without_cpu = 0;
+  int found = 0, missing = 0;
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
     if (name.name.rfind("hypercolumn_ops::", 0) != 0) continue;
     auto op = c10::Dispatcher::singleton().findOp(name);
-    std::cout << op->schema() << "\n    CPU kernel: "
-              << (op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ? "yes" : "no")
+    const bool cpu = op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    const bool autograd = op->hasKernelForDispatchKey(c10::DispatchKey::Autograd);
+    const bool backward = name.name.size() > 9 && name.name.compare(name.name.size() - 9, 9, "_backward") == 0;
+    std::cout << op->schema() << "\n    CPU kernel: " << (cpu ? "yes" : "no")
               << ", CUDA kernel: " << (op->hasKernelForDispatchKey(c10::DispatchKey::CUDA) ? "yes" : "no")
-              << "\n";
+              << ", autograd: " << (autograd ? "yes" : "no") << "\n";
     ++found;
-    without_cpu += op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ? 0 : 1;
+    missing += (cpu ? 0 : 1) + (backward || autograd ? 0 : 1);
   }
   std::cout << found << " hypercolumn_ops operators\n";
-  return found > 0 && without_cpu == 0 ? 0 : 1;
+  return found > 0 && missing == 0 ? 0 : 1;
 }
