@@ -168,6 +168,43 @@ def check_score_products(ops, device) -> None:
             check_case(ops, case, 1)
 
 
+def check_score_bins(ops, device) -> None:
+    """The deterministic gradient of a projected score map (order 1) adds each slot's M outputs
+    into per-group bins in shared memory, at most 24 KB of them (ScoreBins in
+    csrc/cuda/fused_kernels.cu: 3,072 float64 bins), and splits the cell keys and the outputs into
+    chunks past that. Box grids (gathered) and points (sorted), with: 5 classes x 25 cells x 30
+    outputs (3,750 bins: key chunks); 300 outputs (more than a block's 256 lanes: each lane takes
+    two); 3,100 outputs (output chunks); and a 30 x 30 grid of 3 boxes over the 3 x 3 layer (about
+    5,000 taps a pixel: many groups). Deterministic algorithms on: against the reference in
+    float64, and the same bits twice."""
+    g = torch.Generator().manual_seed(23)
+    f = cases.features(torch.float64, device, "contiguous", g, requires_grad=True)
+    boxes = cases.boxes(4, torch.float32, device, g)
+    points = cases.points(30, torch.float32, device, g)
+    locations = torch.rand(len(points), 2, generator=g, dtype=torch.float64).to(device)
+    crowd = torch.tensor([[0, 0.0, 0.0, 23.0, 19.0], [0, 2.0, 3.0, 20.0, 15.0], [1, 1.0, 0.0, 22.0, 19.0]],
+                         device=device)
+    labelled = cases.classifier(5, 30, 5, torch.float64, device, g, requires_grad=True)
+    box_labels = torch.randint(0, 5, (len(boxes),), generator=g).to(device)
+    point_labels = torch.randint(0, 5, (len(points),), generator=g).to(device)
+    wide = cases.classifier(1, 300, None, torch.float64, device, g, requires_grad=True)
+    widest = cases.classifier(1, 3100, None, torch.float64, device, g, requires_grad=True)
+    few = cases.classifier(2, 3, None, torch.float64, device, g, requires_grad=True)
+    kwargs = {"image_size": cases.IMAGE}
+    with deterministic_algorithms(True):
+        for case in (
+                cases.Case("fused_hypercolumn", (f, boxes, labelled),
+                           dict(kwargs, labels=box_labels, output_size=(5, 6)), "key-chunks"),
+                cases.Case("fused_hypercolumn_points", (f, points, labelled),
+                           dict(kwargs, labels=point_labels, locations=locations), "key-chunks"),
+                cases.Case("fused_hypercolumn", (f, boxes, wide), dict(kwargs, output_size=(3, 4)), "300-outputs"),
+                cases.Case("fused_hypercolumn_points", (f, points, wide), kwargs, "300-outputs"),
+                cases.Case("fused_hypercolumn", (f, boxes[:2], widest), dict(kwargs, output_size=(2, 3)),
+                           "output-chunks"),
+                cases.Case("fused_hypercolumn", (f, crowd, few), dict(kwargs, output_size=(30, 30)), "crowded")):
+            check_case(ops, case, 1)
+
+
 def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
     """Rows with a batch index out of range, a non-integer one, a NaN or infinite coordinate, or a
     label out of range give NaN outputs, and the other rows' outputs and gradients are those of a

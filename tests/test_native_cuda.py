@@ -17,7 +17,7 @@ from hypercolumn_ops import reference
 
 import cases
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, check_score_products,
+                           check_deterministic_paths, check_invalid_rows, check_score_bins, check_score_products,
                            deterministic_algorithms, forward_and_grads, run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
@@ -164,6 +164,10 @@ def test_bias_segments(order, enabled):
 def test_score_products(enabled):
     with deterministic_algorithms(enabled):
         check_score_products(torch.ops.hypercolumn_ops, "cuda")
+
+
+def test_score_bins():
+    check_score_bins(torch.ops.hypercolumn_ops, "cuda")
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)

@@ -221,15 +221,19 @@ __device__ __forceinline__ void scatter(const MapView<acc_t*>& grad, const Point
 //
 // A backward pass adds each point's per-channel gradient, times a tap's bilinear weight, into its
 // four taps of an accumulation-type buffer. `Grads` says what that gradient is (SampleGrads
-// below; CellFeatureGrads in fused_kernels.cu): `stage` reads once per point what every channel
-// thread needs (kept in shared memory), `at` gives channel c's gradient.
+// below; CellFeatureGrads and ScoreMapGrads in fused_kernels.cu): `stage` reads once per point
+// what every channel thread needs (kept in shared memory), `at` gives channel c's gradient, and
+// `Sums` how a deterministic block adds them.
 //
 // By default scatter_taps_kernel adds with atomics. Under torch.use_deterministic_algorithms(True)
-// the taps of all points become entries (key = the pixel, b * H * W + y * W + x), radix-sorted
-// stably by key (cub, over the key's bits only); segment_bounds_kernel finds where each pixel's
-// entries begin and end, and scatter_segments_kernel gives each (pixel, channel) to one thread,
-// which sums the pixel's entries in entry order and writes once: no atomics, no host
-// synchronisation, the same bits on every run.
+// (gather_to_taps) box grids are gathered per pixel (gather_box_taps_kernel, below); other points'
+// taps become entries (key = the pixel, b * H * W + y * W + x), radix-sorted stably by key (cub,
+// over the key's bits only); segment_bounds_kernel finds where each pixel's entries begin and end,
+// and scatter_segments_kernel gives each pixel a block, which sums the pixel's entries in entry
+// order and writes once: no atomics, no host synchronisation, the same bits on every run.
+
+template <typename acc_t>
+struct ChannelSums;  // how a deterministic block adds channel gradients (below)
 
 // The output gradient of sparse_hypercolumn / box_hypercolumn at a point's channel.
 template <typename scalar_t, typename acc_t>
@@ -238,6 +242,7 @@ struct SampleGrads {
   OutputStrides strides;
   int64_t column_offset;  // the layer's first channel in the output
 
+  using Sums = ChannelSums<acc_t>;
   struct Staged {
     int64_t base;
   };
@@ -321,12 +326,29 @@ struct SegmentView {
   const index_t* order;  // entry indices 4 * p + t, sorted stably by key
 };
 
-// The deterministic blocks (one pixel at a time): threadIdx.x is a channel of the block's chunk,
-// threadIdx.y one of blockDim.y groups that share each staged tile of entries (group g takes
-// entries g, g + blockDim.y, ... in order), so that a pixel reached by thousands of taps (a
-// coarse layer) is summed by many threads even when it has few channels. Each thread sums its
-// share in order; store_pixel then adds the groups' sums in group order: the same bits every run.
-constexpr int kPixelThreads = 256;  // threads of a deterministic block (channel lanes x groups), at most
+// The deterministic blocks (one pixel at a time): threadIdx.y is one of blockDim.y groups that
+// share each staged tile of entries (group g takes entries g, g + blockDim.y, ... in order), so
+// that a pixel reached by thousands of taps (a coarse layer) is summed by many threads even when
+// it has few channels; threadIdx.x is a lane of the group. `Grads::Sums` says how the lanes add:
+// ChannelSums below (lane = channel) or ScoreBins (fused_kernels.cu). Each thread adds its share
+// in order, then the groups' sums are added in group order: the same bits every run.
+constexpr int kPixelThreads = 256;  // threads of a deterministic block (lanes x groups), at most
+
+// A Sums type's split of the channels into chunks (blockIdx.y), where it needs more than a count.
+struct SumsLayout {
+  int64_t keys = 0;           // ScoreBins: cell keys per chunk
+  int64_t outputs = 0;        // ScoreBins: outputs per chunk
+  int64_t output_chunks = 1;  // ScoreBins: chunks along the outputs
+};
+
+// A deterministic launch: blocks of `block` threads for every pixel and each of `chunks` chunks,
+// `sums` accumulation elements of shared memory per block.
+struct PixelLaunch {
+  dim3 block;
+  int64_t chunks;
+  int64_t sums;
+  SumsLayout layout;
+};
 
 // The dynamic shared memory of a launch (its third launch parameter), 16-byte aligned.
 #ifndef HC_DYNAMIC_SHARED
@@ -335,25 +357,32 @@ constexpr int kPixelThreads = 256;  // threads of a deterministic block (channel
 
 // A deterministic block's shared arrays, sized by its `threads` threads (so that small blocks
 // leave room for many per SM): one staged tile of `threads` entries (`Staged` each, and their
-// weights), the groups' partial sums and, for the box gather, the scan of its chunk of `threads`
-// boxes. Every array's size is a multiple of 8 bytes, so each starts aligned.
+// weights), the `sums` elements of its Sums and, for the box gather, the scan of its chunk of
+// `threads` boxes. Every array's size is rounded up to a multiple of 16 bytes, so each starts
+// aligned whatever the thread count.
 template <typename acc_t, typename Staged>
 struct PixelShared {
   Staged* staged;
   acc_t* weight;
-  acc_t* partial;
+  acc_t* sums;
   int64_t *offset, *first_i, *first_j, *span_j;  // box gather only: threads + 1, then threads each
 
-  static size_t bytes(int threads, bool boxes) {
-    return threads * (sizeof(Staged) + 2 * sizeof(acc_t)) + (boxes ? (4 * threads + 1) * sizeof(int64_t) : 0);
+  __host__ __device__ static size_t rounded(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+  static size_t bytes(int threads, int64_t sums, bool boxes) {
+    return rounded(threads * sizeof(Staged)) + rounded(threads * sizeof(acc_t)) + rounded(sums * sizeof(acc_t)) +
+           (boxes ? (4 * threads + 1) * sizeof(int64_t) : 0);
   }
 
-  __device__ __forceinline__ static PixelShared carve(unsigned char* memory, int threads) {
+  __device__ __forceinline__ static PixelShared carve(unsigned char* memory, int threads, int64_t sums) {
     PixelShared s;
     s.staged = reinterpret_cast<Staged*>(memory);
-    s.weight = reinterpret_cast<acc_t*>(s.staged + threads);
-    s.partial = s.weight + threads;
-    s.offset = reinterpret_cast<int64_t*>(s.partial + threads);
+    memory += rounded(threads * sizeof(Staged));
+    s.weight = reinterpret_cast<acc_t*>(memory);
+    memory += rounded(threads * sizeof(acc_t));
+    s.sums = reinterpret_cast<acc_t*>(memory);
+    memory += rounded(sums * sizeof(acc_t));
+    s.offset = reinterpret_cast<int64_t*>(memory);
     s.first_i = s.offset + threads + 1;
     s.first_j = s.first_i + threads;
     s.span_j = s.first_j + threads;
@@ -361,45 +390,63 @@ struct PixelShared {
   }
 };
 
-template <typename acc_t, typename Grads>
-__device__ __forceinline__ void add_tile(acc_t& sum, const acc_t* weight, const typename Grads::Staged* staged, int n,
-                                         const Grads& grads, int64_t c) {
-  for (int t = threadIdx.y; t < n; t += blockDim.y) {
-    if (weight[t] != acc_t(0)) sum += weight[t] * grads.at(staged[t], c);
-  }
-}
-
-// Called by every thread of the block: adds the groups' sums of channel c in group order and,
-// where `write`, stores the total at pixel (b, y, x). `partial` is shared, one per thread.
+// Channel lanes: thread (x, group) sums channel c = blockIdx.y * blockDim.x + x of its group's
+// entries in a register (`Grads::at` gives a staged entry's gradient of channel c); store adds the
+// groups' sums through `partial` (shared, one per thread).
 template <typename acc_t>
-__device__ __forceinline__ void store_pixel(acc_t sum, acc_t* partial, bool write, const MapView<acc_t*>& target,
-                                            int64_t b, int64_t y, int64_t x, int64_t c) {
-  __syncthreads();  // the previous pixel's readers are done with `partial`
-  partial[threadIdx.y * blockDim.x + threadIdx.x] = sum;
-  __syncthreads();
-  if (!write || threadIdx.y != 0 || c >= target.channels) return;
-  acc_t total = 0;
-  for (unsigned g = 0; g < blockDim.y; ++g) total += partial[g * blockDim.x + threadIdx.x];
-  target.data[b * target.stride_b + c * target.stride_c + y * target.stride_y + x * target.stride_x] = total;
-}
+struct ChannelSums {
+  acc_t* partial;
+  int64_t c;
+  acc_t sum = 0;
+
+  template <typename Grads>
+  __device__ __forceinline__ ChannelSums(acc_t* shared, const SumsLayout&, const Grads&)
+      : partial(shared), c(static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) {}
+
+  template <typename Grads>
+  static PixelLaunch plan(const Grads&, int64_t channels, int64_t num_points, int64_t pixels);
+
+  __device__ __forceinline__ void clear() { sum = 0; }
+
+  template <typename Grads>
+  __device__ __forceinline__ void add(const acc_t* weight, const typename Grads::Staged* staged, int n,
+                                      const Grads& grads, const MapView<acc_t*>& target) {
+    if (c >= target.channels) return;
+    for (int t = threadIdx.y; t < n; t += blockDim.y) {
+      if (weight[t] != acc_t(0)) sum += weight[t] * grads.at(staged[t], c);
+    }
+  }
+
+  // Called by every thread of the block: where `write`, stores the groups' total at (b, y, x).
+  __device__ __forceinline__ void store(bool write, const MapView<acc_t*>& target, int64_t b, int64_t y, int64_t x) {
+    __syncthreads();  // the previous pixel's readers are done with `partial`
+    partial[threadIdx.y * blockDim.x + threadIdx.x] = sum;
+    __syncthreads();
+    if (!write || threadIdx.y != 0 || c >= target.channels) return;
+    acc_t total = 0;
+    for (unsigned g = 0; g < blockDim.y; ++g) total += partial[g * blockDim.x + threadIdx.x];
+    target.data[b * target.stride_b + c * target.stride_c + y * target.stride_y + x * target.stride_x] = total;
+  }
+};
 
 // Block x: pixels blockIdx.x, + gridDim.x, ... (b * H * W + y * W + x); block y: a chunk of
 // channels. The pixel's sorted entries, staged one per thread at a time.
 template <typename acc_t, typename index_t, typename Grads>
 __global__ void __launch_bounds__(kPixelThreads)
     scatter_segments_kernel(MapView<acc_t*> target, int64_t pixels, SegmentView<index_t> segments,
-                            const acc_t* entry_weights, PointSource<acc_t> src, Grads grads) {
+                            const acc_t* entry_weights, PointSource<acc_t> src, Grads grads, int64_t sum_elements,
+                            SumsLayout layout) {
   HC_DYNAMIC_SHARED(memory);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
-  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads);
+  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads, sum_elements);
   typename Grads::Staged* staged = shared.staged;
-  acc_t *weight = shared.weight, *partial = shared.partial;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  acc_t* weight = shared.weight;
+  typename Grads::Sums sums(shared.sums, layout, grads);
   const int64_t per_image = target.height * target.width;
   for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
     // Block-uniform: a pixel no tap reaches keeps its zero.
     const int64_t start = segments.begin[key], count = segments.end[key] - start;
-    acc_t sum = 0;
+    sums.clear();
     for (int64_t done = 0; done < count; done += threads) {
       const int n = static_cast<int>(min(static_cast<int64_t>(threads), count - done));
       __syncthreads();  // the previous tile's readers are done with the shared entries
@@ -410,10 +457,10 @@ __global__ void __launch_bounds__(kPixelThreads)
         staged[t] = grads.stage(point_at(src, p), p);
       }
       __syncthreads();
-      if (c < target.channels) add_tile(sum, weight, staged, n, grads, c);
+      sums.add(weight, staged, n, grads, target);
     }
     const int64_t b = key / per_image, pixel = key - b * per_image;
-    store_pixel(sum, partial, count > 0, target, b, pixel / target.width, pixel % target.width, c);
+    sums.store(count > 0, target, b, pixel / target.width, pixel % target.width);
   }
 }
 
@@ -474,20 +521,21 @@ __global__ void box_ranges_kernel(PointSource<acc_t> src, int64_t num_rows, int6
 template <typename acc_t, typename Grads>
 __global__ void __launch_bounds__(kPixelThreads)
     gather_box_taps_kernel(MapView<acc_t*> target, int64_t pixels, int64_t num_rows, BoxRanges ranges,
-                           PointSource<acc_t> src, acc_t scale_y, acc_t scale_x, int64_t padding, Grads grads) {
+                           PointSource<acc_t> src, acc_t scale_y, acc_t scale_x, int64_t padding, Grads grads,
+                           int64_t sum_elements, SumsLayout layout) {
   HC_DYNAMIC_SHARED(memory);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
-  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads);
+  const auto shared = PixelShared<acc_t, typename Grads::Staged>::carve(memory, threads, sum_elements);
   typename Grads::Staged* staged = shared.staged;
-  acc_t *weight = shared.weight, *partial = shared.partial;
+  acc_t* weight = shared.weight;
+  typename Grads::Sums sums(shared.sums, layout, grads);
   // offset[k]: candidates before box k of the chunk, offset[boxes] the total.
   int64_t *offset = shared.offset, *first_i = shared.first_i, *first_j = shared.first_j, *span_j = shared.span_j;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t per_image = target.height * target.width, cells = src.grid_h * src.grid_w;
   for (int64_t key = blockIdx.x; key < pixels; key += gridDim.x) {
     const int64_t b = key / per_image, pixel = key - b * per_image;
     const int64_t y = pixel / target.width, x = pixel - y * target.width;
-    acc_t sum = 0;
+    sums.clear();
     bool reached = false;  // block-uniform: some candidate point exists
     for (int64_t r0 = 0; r0 < num_rows; r0 += threads) {
       const int boxes = static_cast<int>(min(static_cast<int64_t>(threads), num_rows - r0));
@@ -545,10 +593,10 @@ __global__ void __launch_bounds__(kPixelThreads)
           staged[t] = grads.stage(pt, p);
         }
         __syncthreads();
-        if (c < target.channels) add_tile(sum, weight, staged, n, grads, c);
+        sums.add(weight, staged, n, grads, target);
       }
     }
-    store_pixel(sum, partial, reached, target, b, y, x, c);
+    sums.store(reached, target, b, y, x);
   }
 }
 
@@ -651,20 +699,30 @@ inline at::Tensor feature_grad(const at::Tensor& feature, const at::Tensor& buff
   return at::empty_like(feature).copy_(buffer);
 }
 
-// A deterministic launch: a block per pixel (grid-stride past 2^31 - 1) and channel chunk, of
-// `threads` channel lanes times a power of two of entry groups: about one group per 32 taps a
-// pixel takes on average (4 * num_points / pixels), at most kPixelThreads threads. Fine layers
-// get small blocks, many per SM; coarse ones, whose pixels take thousands of taps, get 256 threads.
+// A deterministic launch: a block per pixel (grid-stride past 2^31 - 1) and chunk.
 inline dim3 pixel_grid(int64_t pixels, int64_t chunks) {
+  check_grid_y(chunks, "features");
   return dim3(static_cast<unsigned>(std::min<int64_t>(pixels, std::numeric_limits<int32_t>::max())),
               static_cast<unsigned>(chunks));
 }
 
-inline dim3 pixel_block(int threads, int64_t num_points, int64_t pixels) {
-  const int64_t taps_per_pixel = ceil_div(4 * num_points, std::max<int64_t>(pixels, 1));
+// Taps a pixel takes on average.
+inline int64_t taps_per_pixel(int64_t num_points, int64_t pixels) {
+  return ceil_div(4 * num_points, std::max<int64_t>(pixels, 1));
+}
+
+// Channel lanes: chunks of channel_threads(channels) channels, times a power of two of entry
+// groups: about one group per 32 taps a pixel takes on average, at most kPixelThreads threads.
+// Fine layers get small blocks, many per SM; coarse ones, whose pixels take thousands of taps,
+// get 256 threads.
+template <typename acc_t>
+template <typename Grads>
+PixelLaunch ChannelSums<acc_t>::plan(const Grads&, int64_t channels, int64_t num_points, int64_t pixels) {
+  const int threads = channel_threads(channels);
+  const int64_t taps = taps_per_pixel(num_points, pixels);
   int groups = 1;
-  while (2 * groups * threads <= kPixelThreads && 32 * groups < taps_per_pixel) groups *= 2;
-  return dim3(threads, groups);
+  while (2 * groups * threads <= kPixelThreads && 32 * groups < taps) groups *= 2;
+  return {dim3(threads, groups), ceil_div(channels, threads), int64_t(threads) * groups, SumsLayout()};
 }
 
 // Sorts `count` (key, value) pairs by the low `bits` bits of the key, stably (cub's radix sort: as
@@ -688,8 +746,7 @@ void radix_sort_pairs(const at::Tensor& keys, const at::Tensor& values, const at
 // on the device and every pixel gets a block (one without taps returns at once).
 template <typename acc_t, typename index_t, typename Grads>
 void scatter_sorted_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, const PointSource<acc_t>& src,
-                         int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads,
-                         int threads, int64_t chunks) {
+                         int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t count = 4 * num_points, pixels = src.batch * target.height * target.width;
   const auto index_options = buffer.options().dtype(c10::CppTypeToScalarType<index_t>::value);
@@ -710,17 +767,18 @@ void scatter_sorted_taps(const MapView<acc_t*>& target, const at::Tensor& buffer
       sorted_keys.data_ptr<index_t>(), count, pixels, begin.data_ptr<index_t>(), end.data_ptr<index_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const SegmentView<index_t> segments{begin.data_ptr<index_t>(), end.data_ptr<index_t>(), order.data_ptr<index_t>()};
-  const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
-  const size_t shared = PixelShared<acc_t, typename Grads::Staged>::bytes(block.x * block.y, false);
-  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, block, shared, stream>>>(
-      target, pixels, segments, weights.data_ptr<acc_t>(), src, grads);
+  const PixelLaunch launch = Grads::Sums::plan(grads, target.channels, num_points, pixels);
+  const size_t shared =
+      PixelShared<acc_t, typename Grads::Staged>::bytes(launch.block.x * launch.block.y, launch.sums, false);
+  const dim3 grid = pixel_grid(pixels, launch.chunks);
+  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, launch.block, shared, stream>>>(
+      target, pixels, segments, weights.data_ptr<acc_t>(), src, grads, launch.sums, launch.layout);
 }
 
 // The deterministic scatter of a box grid: box_ranges_kernel, then one gather per pixel.
 template <typename acc_t, typename Grads>
 void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, const PointSource<acc_t>& src,
-                     int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads,
-                     int threads, int64_t chunks) {
+                     int64_t num_points, acc_t scale_y, acc_t scale_x, int64_t padding, const Grads& grads) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t num_rows = num_points / (src.grid_h * src.grid_w);
   const int64_t pixels = src.batch * target.height * target.width;
@@ -735,10 +793,12 @@ void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, co
                                                        columns.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const BoxRanges ranges{batch.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>()};
-  const dim3 grid = pixel_grid(pixels, chunks), block = pixel_block(threads, num_points, pixels);
-  const size_t shared = PixelShared<acc_t, typename Grads::Staged>::bytes(block.x * block.y, true);
-  gather_box_taps_kernel<acc_t, Grads><<<grid, block, shared, stream>>>(
-      target, pixels, num_rows, ranges, src, scale_y, scale_x, padding, grads);
+  const PixelLaunch launch = Grads::Sums::plan(grads, target.channels, num_points, pixels);
+  const size_t shared =
+      PixelShared<acc_t, typename Grads::Staged>::bytes(launch.block.x * launch.block.y, launch.sums, true);
+  const dim3 grid = pixel_grid(pixels, launch.chunks);
+  gather_box_taps_kernel<acc_t, Grads><<<grid, launch.block, shared, stream>>>(
+      target, pixels, num_rows, ranges, src, scale_y, scale_x, padding, grads, launch.sums, launch.layout);
 }
 
 // A box grid's deterministic backward gathers per pixel while the map has at most this many pixels
@@ -748,35 +808,38 @@ void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, co
 constexpr int64_t kGatherPixelsPerGridPoint = 64;
 
 // Adds every point's `grads` (times each tap's weight) into `buffer` (B, C, H, W, any strides;
-// zero-filled): with atomics, or when `deterministic` per pixel (box grids gathered, or sorted
-// entries), each (pixel, channel) summed by one thread in entry order.
+// zero-filled) per pixel, in a fixed order: box grids gathered, other points' tap entries sorted.
+template <typename acc_t, typename Grads>
+void gather_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
+                    acc_t scale_x, int64_t padding, const Grads& grads) {
+  if (num_points == 0 || buffer.size(1) == 0 || buffer.size(0) == 0) return;
+  const MapView<acc_t*> target = map_view<acc_t>(buffer);
+  const int64_t pixels = src.batch * buffer.size(2) * buffer.size(3);
+  if (src.grid_h > 0 && pixels <= kGatherPixelsPerGridPoint * src.grid_h * src.grid_w) {
+    gather_box_taps<acc_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads);
+  } else if (4 * num_points <= std::numeric_limits<int32_t>::max() && pixels <= std::numeric_limits<int32_t>::max()) {
+    // int32 keys and entry indices where they fit: half the bytes the sort moves.
+    scatter_sorted_taps<acc_t, int32_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads);
+  } else {
+    scatter_sorted_taps<acc_t, int64_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The same sums with atomics, or when `deterministic` with gather_to_taps: each (pixel, channel)
+// summed by one thread in entry order.
 template <typename acc_t, typename Grads>
 void scatter_to_taps(const at::Tensor& buffer, const PointSource<acc_t>& src, int64_t num_points, acc_t scale_y,
                      acc_t scale_x, int64_t padding, const Grads& grads, bool deterministic) {
+  if (deterministic) return gather_to_taps<acc_t>(buffer, src, num_points, scale_y, scale_x, padding, grads);
   const int64_t channels = buffer.size(1);
   if (num_points == 0 || channels == 0 || buffer.size(0) == 0) return;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const int threads = channel_threads(channels);
   const int64_t chunks = ceil_div(channels, threads);
   check_grid_y(chunks, "features");
-  const MapView<acc_t*> target = map_view<acc_t>(buffer);
-  const int64_t pixels = src.batch * buffer.size(2) * buffer.size(3);
-  if (deterministic && src.grid_h > 0 && pixels <= kGatherPixelsPerGridPoint * src.grid_h * src.grid_w) {
-    gather_box_taps<acc_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads, chunks);
-  } else if (deterministic) {
-    // int32 keys and entry indices where they fit: half the bytes the sort moves.
-    if (4 * num_points <= std::numeric_limits<int32_t>::max() && pixels <= std::numeric_limits<int32_t>::max()) {
-      scatter_sorted_taps<acc_t, int32_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads,
-                                          chunks);
-    } else {
-      scatter_sorted_taps<acc_t, int64_t>(target, buffer, src, num_points, scale_y, scale_x, padding, grads, threads,
-                                          chunks);
-    }
-  } else {
-    const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
-    scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, stream>>>(target, src, num_points, scale_y, scale_x,
-                                                                     padding, grads);
-  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
+  scatter_taps_kernel<acc_t, Grads><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      map_view<acc_t>(buffer), src, num_points, scale_y, scale_x, padding, grads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -18,8 +18,9 @@
 //   order 1: scatters the score gradients onto a score-map gradient and lets cuBLAS form the
 //            feature and weight gradients.
 // The scatters use atomics by default; under torch.use_deterministic_algorithms(True) each pixel's
-// contributions are summed in a fixed order instead (scatter_to_taps, common.cuh), and order 1
-// stays where cuBLAS is reproducible (CUBLAS_WORKSPACE_CONFIG). Deterministic mode never raises.
+// contributions are summed in a fixed order instead (gather_to_taps, common.cuh; score maps by
+// ScoreBins, which adds only the 4 cells a point touches), and order 1 stays where cuBLAS is
+// reproducible (CUBLAS_WORKSPACE_CONFIG). Deterministic mode never raises.
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -283,6 +284,7 @@ struct SlotGrads {
   const int64_t* slot_keys;  // (P, 4): label * KK + cell, or -1
   int64_t outputs;
 
+  using Sums = ChannelSums<acc_t>;
   struct Staged {
     int64_t point;
     int64_t key[kSlots];
@@ -296,19 +298,106 @@ struct SlotGrads {
   }
 };
 
+// Shared-memory budget of ScoreBins' bins: with the largest staging arrays (256 threads, float64)
+// a block stays under the 48 KB of dynamic shared memory a launch gets without opting in.
+constexpr int64_t kScoreBinBytes = 24 * 1024;
+// Entries a ScoreBins thread takes per pixel on average, where the block is not already full.
+constexpr int64_t kScoreBinEntries = 8;
+
+// The deterministic sums of a score-map gradient (order 1): of a point's NC * KK * M score
+// channels n = (cell key) * M + m only its slots' 4 keys take gradient, so lanes over the channels
+// (ChannelSums) would mostly add zeros. Here lane x of group g adds, for each of the group's
+// entries in order and each slot j, the slot's gradient of outputs m = x, x + blockDim.x, ... into
+// bin (g, key_j, m) in shared memory; store adds the groups' bins in group order. Each bin has one
+// writer, so the sums are the same bits every run. Keys and outputs that do not fit the budget
+// are split into chunks (blockIdx.y), each of which stages the pixel's entries again.
+template <typename acc_t>
+struct ScoreBins {
+  acc_t* bins;  // (groups, keys, outputs) of this chunk
+  int64_t total_outputs, key0, keys, m0, outputs;
+
+  template <typename Grads>
+  __device__ __forceinline__ ScoreBins(acc_t* shared, const SumsLayout& layout, const Grads& grads)
+      : bins(shared),
+        total_outputs(grads.outputs),
+        key0(blockIdx.y / layout.output_chunks * layout.keys),
+        keys(layout.keys),
+        m0(blockIdx.y % layout.output_chunks * layout.outputs),
+        outputs(layout.outputs) {}
+
+  // Groups by taps per pixel (at least a warp, at most kPixelThreads threads), then as few chunks
+  // as the budget allows: all keys in one where fewer groups make them fit.
+  template <typename Grads>
+  static PixelLaunch plan(const Grads& grads, int64_t channels, int64_t num_points, int64_t pixels) {
+    const int64_t budget = kScoreBinBytes / static_cast<int64_t>(sizeof(acc_t));
+    const int64_t total_keys = channels / grads.outputs;
+    SumsLayout layout;
+    layout.output_chunks = ceil_div(grads.outputs, std::min(grads.outputs, budget));
+    layout.outputs = ceil_div(grads.outputs, layout.output_chunks);
+    const int64_t lanes = std::min<int64_t>(layout.outputs, kPixelThreads);
+    int64_t groups = std::min<int64_t>(std::max(ceil_div(taps_per_pixel(num_points, pixels), kScoreBinEntries),
+                                                ceil_div(32, lanes)),
+                                       kPixelThreads / lanes);
+    groups = std::max<int64_t>(1, std::min(groups, budget / layout.outputs));
+    if (total_keys * layout.outputs <= budget) {
+      groups = std::min(groups, budget / (total_keys * layout.outputs));
+      layout.keys = total_keys;
+    } else {
+      layout.keys = budget / (groups * layout.outputs);
+    }
+    const int64_t key_chunks = ceil_div(total_keys, layout.keys);
+    layout.keys = ceil_div(total_keys, key_chunks);
+    return {dim3(static_cast<unsigned>(lanes), static_cast<unsigned>(groups)), key_chunks * layout.output_chunks,
+            groups * layout.keys * layout.outputs, layout};
+  }
+
+  __device__ __forceinline__ int64_t size() const { return keys * outputs; }
+
+  __device__ __forceinline__ void clear() {
+    __syncthreads();  // the previous pixel's readers are done with the bins
+    const int64_t threads = blockDim.x * blockDim.y;
+    for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < blockDim.y * size(); i += threads) bins[i] = 0;
+  }
+
+  template <typename Grads>
+  __device__ __forceinline__ void add(const acc_t* weight, const typename Grads::Staged* staged, int n,
+                                      const Grads& grads, const MapView<acc_t*>&) {
+    acc_t* mine = bins + threadIdx.y * size();
+    const int64_t m_end = min(m0 + outputs, total_outputs);
+    for (int t = threadIdx.y; t < n; t += blockDim.y) {
+      const acc_t w = weight[t];
+      if (w == acc_t(0)) continue;
+      const typename Grads::Staged& s = staged[t];
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        const int64_t k = s.key[j] - key0;  // an invalid slot's key is -1
+        if (k < 0 || k >= keys) continue;
+        const acc_t* g = grads.slot_grads + (s.point * kSlots + j) * total_outputs;
+        for (int64_t m = m0 + threadIdx.x; m < m_end; m += blockDim.x) mine[k * outputs + m - m0] += w * g[m];
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(bool write, const MapView<acc_t*>& target, int64_t b, int64_t y, int64_t x) {
+    __syncthreads();  // every group's adds are done
+    if (!write) return;
+    const int64_t threads = blockDim.x * blockDim.y;
+    acc_t* pixel = target.data + b * target.stride_b + y * target.stride_y + x * target.stride_x;
+    for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < size(); i += threads) {
+      const int64_t k = i / outputs, m = m0 + i - k * outputs, n = (key0 + k) * total_outputs + m;
+      if (m >= total_outputs || n >= target.channels) continue;
+      acc_t total = 0;
+      for (unsigned g = 0; g < blockDim.y; ++g) total += bins[g * size() + i];
+      pixel[n * target.stride_c] = total;
+    }
+  }
+};
+
 // Order 1 backward: the gradient of score-map channel n = (cell key) * M + m at a point, the sum of
-// its slots' score gradients of output m whose cell key is n / M (deterministic path).
+// its slots' score gradients of output m whose cell key is n / M (deterministic path, ScoreBins).
 template <typename acc_t>
 struct ScoreMapGrads : SlotGrads<acc_t> {
-  __device__ __forceinline__ acc_t at(const typename SlotGrads<acc_t>::Staged& s, int64_t n) const {
-    const int64_t outputs = this->outputs, key = n / outputs, m = n - key * outputs;
-    acc_t sum = 0;
-#pragma unroll
-    for (int j = 0; j < kSlots; ++j) {
-      if (s.key[j] == key) sum += this->slot_grads[(s.point * kSlots + j) * outputs + m];
-    }
-    return sum;
-  }
+  using Sums = ScoreBins<acc_t>;
 };
 
 // Order 0 backward, the feature side: a point's channel-c gradient is sum over its slots j and
@@ -693,8 +782,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         const at::Tensor score_grad_map =
             score_grad.view({batch, f.size(2), f.size(3), score_rows}).permute({0, 3, 1, 2});
         if (deterministic) {
-          scatter_to_taps<acc_t>(score_grad_map, src, a.num_points, sy, sx, padding,
-                                 ScoreMapGrads<acc_t>{{g, keys, a.outputs}}, true);
+          gather_to_taps<acc_t>(score_grad_map, src, a.num_points, sy, sx, padding,
+                                ScoreMapGrads<acc_t>{{g, keys, a.outputs}});
         } else {
           const int64_t total = a.num_points * a.outputs;
           const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
