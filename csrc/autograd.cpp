@@ -4,10 +4,12 @@
 // as in torchvision.ops.roi_align. Backward recomputes what forward sampled: it saves the inputs
 // only. In C++ rather than with torch.library.register_autograd so that a call costs the host no
 // Python (about 0.1 ms per forward+backward), and so that libtorch users of the CMake library get
-// the gradients too. The backward operators are not differentiable (no double backward).
+// the gradients too. The backward operators are not differentiable: differentiating one (a
+// gradient of a gradient) raises NotImplementedError instead of giving a wrong result.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -91,6 +93,10 @@ at::Tensor bias_grad(const at::Tensor& grad, const at::Tensor& bias) {
 using SparseFn = at::Tensor(at::TensorList, const at::Tensor&, at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
 using SparseBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&,
                                                  at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
+const c10::TypedOperatorHandle<SparseBackwardFn>& sparse_backward_op() {
+  static const auto handle = op<SparseBackwardFn>("hypercolumn_ops::sparse_hypercolumn_backward");
+  return handle;
+}
 
 class SparseHypercolumn : public torch::autograd::Function<SparseHypercolumn> {
  public:
@@ -105,7 +111,7 @@ class SparseHypercolumn : public torch::autograd::Function<SparseHypercolumn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved s = saved(ctx);
-    static const auto backward_op = op<SparseBackwardFn>("hypercolumn_ops::sparse_hypercolumn_backward");
+    const auto& backward_op = sparse_backward_op();
     return Gradients()
         .add(backward_op.call(grads[0], s.features, s.rest[0], s.scale_y, s.scale_x, s.padding))
         .none(4)
@@ -117,6 +123,10 @@ using BoxFn = at::Tensor(at::TensorList, const at::Tensor&, int64_t, int64_t, at
                          at::ArrayRef<double>, int64_t);
 using BoxBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, int64_t, int64_t,
                                               at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
+const c10::TypedOperatorHandle<BoxBackwardFn>& box_backward_op() {
+  static const auto handle = op<BoxBackwardFn>("hypercolumn_ops::box_hypercolumn_backward");
+  return handle;
+}
 
 class BoxHypercolumn : public torch::autograd::Function<BoxHypercolumn> {
  public:
@@ -134,7 +144,7 @@ class BoxHypercolumn : public torch::autograd::Function<BoxHypercolumn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved s = saved(ctx);
-    static const auto backward_op = op<BoxBackwardFn>("hypercolumn_ops::box_hypercolumn_backward");
+    const auto& backward_op = box_backward_op();
     return Gradients()
         .add(backward_op.call(grads[0], s.features, s.rest[0], ctx->saved_data["output_height"].toInt(),
                               ctx->saved_data["output_width"].toInt(), s.scale_y, s.scale_x, s.padding))
@@ -163,6 +173,10 @@ using FusedFn = at::Tensor(at::TensorList, const at::Tensor&, at::TensorList, co
 using FusedBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, const at::Tensor&, at::TensorList,
                                    const OptionalTensor&, const OptionalTensor&, int64_t, int64_t,
                                    at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t, at::IntArrayRef);
+const c10::TypedOperatorHandle<FusedBackwardFn>& fused_backward_op() {
+  static const auto handle = op<FusedBackwardFn>("hypercolumn_ops::fused_hypercolumn_backward");
+  return handle;
+}
 
 class FusedHypercolumn : public torch::autograd::Function<FusedHypercolumn> {
  public:
@@ -186,7 +200,7 @@ class FusedHypercolumn : public torch::autograd::Function<FusedHypercolumn> {
     const size_t layers = s.features.size();
     const std::vector<at::Tensor> weights(s.rest.begin(), s.rest.begin() + layers);
     const at::Tensor &boxes = s.rest[layers], &bias = s.rest[layers + 1], &labels = s.rest[layers + 2];
-    static const auto backward_op = op<FusedBackwardFn>("hypercolumn_ops::fused_hypercolumn_backward");
+    const auto& backward_op = fused_backward_op();
     auto [grad_features, grad_weights, grad_bias] = backward_op.call(
         grads[0], s.features, boxes, weights, optional(bias), optional(labels),
         ctx->saved_data["output_height"].toInt(), ctx->saved_data["output_width"].toInt(), s.scale_y, s.scale_x,
@@ -208,6 +222,10 @@ using FusedPointsBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, cons
                                          at::TensorList, const OptionalTensor&, const OptionalTensor&,
                                          at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t,
                                          at::IntArrayRef);
+const c10::TypedOperatorHandle<FusedPointsBackwardFn>& fused_points_backward_op() {
+  static const auto handle = op<FusedPointsBackwardFn>("hypercolumn_ops::fused_hypercolumn_points_backward");
+  return handle;
+}
 
 class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumnPoints> {
  public:
@@ -230,7 +248,7 @@ class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumn
     const std::vector<at::Tensor> weights(s.rest.begin(), s.rest.begin() + layers);
     const at::Tensor &points = s.rest[layers], &locations = s.rest[layers + 1], &bias = s.rest[layers + 2],
                      &labels = s.rest[layers + 3];
-    static const auto backward_op = op<FusedPointsBackwardFn>("hypercolumn_ops::fused_hypercolumn_points_backward");
+    const auto& backward_op = fused_points_backward_op();
     auto [grad_features, grad_weights, grad_bias] = backward_op.call(
         grads[0], s.features, points, optional(locations), weights, optional(bias), optional(labels), s.scale_y,
         s.scale_x, s.padding, ctx->saved_data["activation"].toInt(), ctx->saved_data["orders"].toIntVector());
@@ -243,6 +261,101 @@ class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumn
         .done();
   }
 };
+
+// A backward operator, computed below autograd. Where its outputs need a graph (a backward pass
+// with create_graph=True), differentiating them raises.
+class BackwardOnce : public torch::autograd::Function<BackwardOnce> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const std::string& name, at::TensorList inputs,
+                               const std::function<variable_list()>& run) {
+    ctx->saved_data["name"] = name;
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return run();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, ctx->saved_data["name"].toStringRef(),
+                                ": the gradient of this gradient (double backward) is not supported");
+  }
+};
+
+// The inputs of a backward operator that can take gradients: the incoming gradient, the features
+// and, for the fused operators, the weights and the bias.
+// (Passed to BackwardOnce::apply as a TensorList: autograd takes a std::vector for a constant.)
+std::vector<at::Tensor> differentiable(const at::Tensor& grad, at::TensorList features, at::TensorList weights = {},
+                                       const OptionalTensor& bias = {}) {
+  std::vector<at::Tensor> inputs{grad};
+  inputs.insert(inputs.end(), features.begin(), features.end());
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  if (bias.has_value() && bias->defined()) inputs.push_back(*bias);
+  return inputs;
+}
+
+std::vector<at::Tensor> sparse_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
+                                                             const at::Tensor& points, at::ArrayRef<double> scale_y,
+                                                             at::ArrayRef<double> scale_x, int64_t padding) {
+  const std::vector<at::Tensor> inputs = differentiable(grad, features);
+  const auto& backward_op = sparse_backward_op();
+  return BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
+    return backward_op.call(grad, features, points, scale_y, scale_x, padding);
+  });
+}
+
+std::vector<at::Tensor> box_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
+                                                          const at::Tensor& boxes, int64_t output_height,
+                                                          int64_t output_width, at::ArrayRef<double> scale_y,
+                                                          at::ArrayRef<double> scale_x, int64_t padding) {
+  const std::vector<at::Tensor> inputs = differentiable(grad, features);
+  const auto& backward_op = box_backward_op();
+  return BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
+    return backward_op.call(grad, features, boxes, output_height, output_width, scale_y, scale_x, padding);
+  });
+}
+
+// The fused backward's (features, weights, bias) gradients as one list, and back.
+variable_list flatten(FusedGrads grads) {
+  auto& [features, weights, bias] = grads;
+  variable_list flat(features.begin(), features.end());
+  flat.insert(flat.end(), weights.begin(), weights.end());
+  flat.push_back(bias);
+  return flat;
+}
+
+FusedGrads unflatten(const variable_list& flat) {
+  const size_t layers = (flat.size() - 1) / 2;
+  return {std::vector<at::Tensor>(flat.begin(), flat.begin() + layers),
+          std::vector<at::Tensor>(flat.begin() + layers, flat.end() - 1), flat.back()};
+}
+
+FusedGrads fused_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
+                                               const at::Tensor& boxes, at::TensorList weights,
+                                               const OptionalTensor& bias, const OptionalTensor& labels,
+                                               int64_t output_height, int64_t output_width,
+                                               at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+                                               int64_t padding, int64_t activation, at::IntArrayRef orders) {
+  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+  const auto& backward_op = fused_backward_op();
+  return unflatten(BackwardOnce::apply(
+      backward_op.schema().name(), at::TensorList(inputs), [&] {
+        return flatten(backward_op.call(grad, features, boxes, weights, bias, labels, output_height, output_width,
+                                        scale_y, scale_x, padding, activation, orders));
+      }));
+}
+
+FusedGrads fused_hypercolumn_points_backward_autograd(const at::Tensor& grad, at::TensorList features,
+                                                      const at::Tensor& points, const OptionalTensor& locations,
+                                                      at::TensorList weights, const OptionalTensor& bias,
+                                                      const OptionalTensor& labels, at::ArrayRef<double> scale_y,
+                                                      at::ArrayRef<double> scale_x, int64_t padding,
+                                                      int64_t activation, at::IntArrayRef orders) {
+  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+  const auto& backward_op = fused_points_backward_op();
+  return unflatten(BackwardOnce::apply(
+      backward_op.schema().name(), at::TensorList(inputs), [&] {
+        return flatten(backward_op.call(grad, features, points, locations, weights, bias, labels, scale_y, scale_x,
+                                        padding, activation, orders));
+      }));
+}
 
 at::Tensor sparse_hypercolumn_autograd(at::TensorList features, const at::Tensor& points,
                                        at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding) {
@@ -280,6 +393,10 @@ TORCH_LIBRARY_IMPL(hypercolumn_ops, Autograd, m) {
   m.impl("box_hypercolumn", &box_hypercolumn_autograd);
   m.impl("fused_hypercolumn", &fused_hypercolumn_autograd);
   m.impl("fused_hypercolumn_points", &fused_hypercolumn_points_autograd);
+  m.impl("sparse_hypercolumn_backward", &sparse_hypercolumn_backward_autograd);
+  m.impl("box_hypercolumn_backward", &box_hypercolumn_backward_autograd);
+  m.impl("fused_hypercolumn_backward", &fused_hypercolumn_backward_autograd);
+  m.impl("fused_hypercolumn_points_backward", &fused_hypercolumn_points_backward_autograd);
 }
 
 }  // namespace hypercolumn_ops

@@ -112,7 +112,7 @@ def register_autograd(namespace: str) -> None:
     """Autograd formulas of the operators of a backend defined in Python (Triton), the same as
     csrc/autograd.cpp's for the compiled operators: gradients flow to features, weights and bias;
     coordinates, locations and labels are constants, as in torchvision.ops.roi_align. Backward
-    recomputes what forward sampled."""
+    recomputes what forward sampled. Differentiating a backward operator raises."""
     lib = namespace + "::"
     ops = getattr(torch.ops, namespace)
 
@@ -173,6 +173,13 @@ def register_autograd(namespace: str) -> None:
     torch.library.register_autograd(lib + "fused_hypercolumn", fused_backward, setup_context=keep_inputs)
     torch.library.register_autograd(lib + "fused_hypercolumn_points", fused_points_backward,
                                     setup_context=keep_inputs)
+
+    # The backward operators are not differentiable: a gradient of their gradients raises.
+    for name in ("sparse_hypercolumn", "box_hypercolumn", "fused_hypercolumn", "fused_hypercolumn_points"):
+        def not_twice(ctx, *grads, op=lib + name + "_backward"):
+            raise NotImplementedError(f"{op}: the gradient of this gradient (double backward) is not supported")
+
+        torch.library.register_autograd(lib + name + "_backward", not_twice)
 
 
 if _C is not None:

@@ -6,6 +6,7 @@ bias-gradient check."""
 import contextlib
 from typing import Callable, List, Tuple
 
+import pytest
 import torch
 
 import hypercolumn_ops
@@ -203,6 +204,25 @@ def check_score_bins(ops, device) -> None:
                            "output-chunks"),
                 cases.Case("fused_hypercolumn", (f, crowd, few), dict(kwargs, output_size=(30, 30)), "crowded")):
             check_case(ops, case, 1)
+
+
+def check_double_backward_raises(backend: str, device) -> None:
+    """A gradient of the gradients (create_graph=True, then backward through the backward
+    operators) raises NotImplementedError on ``backend``, for every operator, instead of a
+    silently wrong result; the gradients themselves still come out."""
+    seen = set()
+    for case in cases.all_cases(torch.float64, device, requires_grad=True):
+        if case.op in seen or case.name == "empty":
+            continue
+        seen.add(case.op)
+        inputs = cases.differentiable_inputs(case)
+        with hypercolumn_ops.use_backend(backend):
+            out = case()
+            grads = torch.autograd.grad(out.nan_to_num().square().sum(), inputs, create_graph=True)
+            assert all(g.requires_grad for g in grads), case
+            with pytest.raises(NotImplementedError, match=f"{case.op}_backward: the gradient of this gradient"):
+                torch.autograd.grad(sum(g.sum() for g in grads), inputs)
+    assert len(seen) == 4, seen
 
 
 def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ import hypercolumn_ops
 from hypercolumn_ops import ops, reference
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
+from kernel_checks import check_double_backward_raises
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -420,3 +421,7 @@ def test_fused_points_requires_locations_for_several_cells():
     with pytest.raises(RuntimeError, match="locations"):
         torch.ops.hypercolumn_ops.fused_hypercolumn_points(f, points(3, torch.float32, "cpu", g), None, w, None, None,
                                                            [0.5] * 3, [0.5] * 3, 0, 0, [0, 0, 0])
+
+
+def test_double_backward_raises():
+    check_double_backward_raises("native", "cpu")

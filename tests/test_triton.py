@@ -16,7 +16,7 @@ import cases  # noqa: E402
 import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import ops as api  # noqa: E402
 from hypercolumn_ops.planning import PROJECT_SCORES, SAMPLE_FEATURES  # noqa: E402
-from kernel_checks import check_bias_segments, deterministic_algorithms  # noqa: E402
+from kernel_checks import check_bias_segments, check_double_backward_raises, deterministic_algorithms  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
@@ -213,3 +213,7 @@ def test_compile_fullgraph(case):
     torch.testing.assert_close(value, expected)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_double_backward_raises():
+    check_double_backward_raises("triton", DEVICE)
