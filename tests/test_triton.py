@@ -169,6 +169,8 @@ OPCHECK_CASES = _pick(
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=_case_ids(OPCHECK_CASES))
 def test_opcheck(case):
+    from hypercolumn_ops import triton_backend  # noqa: F401  (registers the operators; other tests import it by use)
+
     op = getattr(torch.ops.hypercolumn_ops_triton, case.op)
     torch.library.opcheck(op, _normalised(case))
 
