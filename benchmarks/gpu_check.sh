@@ -17,10 +17,11 @@
 #                 (profile.log), the profiler's tables (profiles/)
 #   6. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
+#   7. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
-# seconds, then the tails of the test, profile and sanitizer logs) is left beside it: two files come
-# back.
+# seconds, then the targets table and the tails of the test, profile and sanitizer logs) is left
+# beside it: two files come back.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -86,8 +87,12 @@ step profile $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/profile_cu
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
+step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.json "$WORK"/bench_bfloat16/results.json
+
 {
   echo
+  echo "---- targets (issue 4)"
+  cat "$WORK/targets.log"
   echo "---- tail of tests.log"
   tail -n 40 "$WORK/tests.log"
   echo "---- tail of profile.log"
