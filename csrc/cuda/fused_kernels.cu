@@ -381,13 +381,16 @@ struct ScoreBins {
   __device__ __forceinline__ void store(bool write, const MapView<acc_t*>& target, int64_t b, int64_t y, int64_t x) {
     __syncthreads();  // every group's adds are done
     if (!write) return;
-    const int64_t threads = blockDim.x * blockDim.y;
+    const int threads = blockDim.x * blockDim.y;
     acc_t* pixel = target.data + b * target.stride_b + y * target.stride_y + x * target.stride_x;
-    for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < size(); i += threads) {
-      const int64_t k = i / outputs, m = m0 + i - k * outputs, n = (key0 + k) * total_outputs + m;
+    // 32-bit index math: a chunk holds at most kScoreBinBytes / sizeof(acc_t) bins.
+    const int bins_per_group = static_cast<int>(size()), width = static_cast<int>(outputs);
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < bins_per_group; i += threads) {
+      const int k = i / width;
+      const int64_t m = m0 + (i - k * width), n = (key0 + k) * total_outputs + m;
       if (m >= total_outputs || n >= target.channels) continue;
       acc_t total = 0;
-      for (unsigned g = 0; g < blockDim.y; ++g) total += bins[g * size() + i];
+      for (unsigned g = 0; g < blockDim.y; ++g) total += bins[g * bins_per_group + i];
       pixel[n * target.stride_c] = total;
     }
   }
