@@ -243,6 +243,7 @@ struct SampleGrads {
   int64_t column_offset;  // the layer's first channel in the output
 
   using Sums = ChannelSums<acc_t>;
+  static constexpr int kLoadBatch = 8;  // entries whose gradient a deterministic lane loads at once
   struct Staged {
     int64_t base;
   };
@@ -392,7 +393,9 @@ struct PixelShared {
 
 // Channel lanes: thread (x, group) sums channel c = blockIdx.y * blockDim.x + x of its group's
 // entries in a register (`Grads::at` gives a staged entry's gradient of channel c); store adds the
-// groups' sums through `partial` (shared, one per thread).
+// groups' sums through `partial` (shared, one per thread). A lane reads the gradients of
+// Grads::kLoadBatch entries before it adds the first, in entry order: the loads wait together,
+// not one after another, and the sum is the same.
 template <typename acc_t>
 struct ChannelSums {
   acc_t* partial;
@@ -412,7 +415,19 @@ struct ChannelSums {
   __device__ __forceinline__ void add(const acc_t* weight, const typename Grads::Staged* staged, int n,
                                       const Grads& grads, const MapView<acc_t*>& target) {
     if (c >= target.channels) return;
-    for (int t = threadIdx.y; t < n; t += blockDim.y) {
+    constexpr int kBatch = Grads::kLoadBatch;
+    const int step = blockDim.y;
+    int t = threadIdx.y;
+    for (; t + (kBatch - 1) * step < n; t += kBatch * step) {
+      acc_t g[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) g[i] = weight[t + i * step] != acc_t(0) ? grads.at(staged[t + i * step], c) : 0;
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        if (weight[t + i * step] != acc_t(0)) sum += weight[t + i * step] * g[i];
+      }
+    }
+    for (; t < n; t += step) {
       if (weight[t] != acc_t(0)) sum += weight[t] * grads.at(staged[t], c);
     }
   }

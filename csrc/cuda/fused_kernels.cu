@@ -285,6 +285,8 @@ struct SlotGrads {
   int64_t outputs;
 
   using Sums = ChannelSums<acc_t>;
+  // CellFeatureGrads::at already issues M x 4 loads of its own: one entry at a time.
+  static constexpr int kLoadBatch = 1;
   struct Staged {
     int64_t point;
     int64_t key[kSlots];
@@ -303,6 +305,8 @@ struct SlotGrads {
 constexpr int64_t kScoreBinBytes = 24 * 1024;
 // Entries a ScoreBins thread takes per pixel on average, where the block is not already full.
 constexpr int64_t kScoreBinEntries = 8;
+// Entries whose slot gradients a ScoreBins lane loads at once (4 slots each).
+constexpr int kScoreBinBatch = 2;
 
 // The deterministic sums of a score-map gradient (order 1): of a point's NC * KK * M score
 // channels n = (cell key) * M + m only its slots' 4 keys take gradient, so lanes over the channels
@@ -359,21 +363,38 @@ struct ScoreBins {
     for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < blockDim.y * size(); i += threads) bins[i] = 0;
   }
 
+  // Each bin takes its group's entries in order, slot by slot. A lane reads the slot gradients of
+  // kScoreBinBatch entries before it adds the first: the bins are shared memory, which the
+  // compiler cannot tell apart from the slot gradients, so otherwise every load would wait for the
+  // add before it.
   template <typename Grads>
   __device__ __forceinline__ void add(const acc_t* weight, const typename Grads::Staged* staged, int n,
                                       const Grads& grads, const MapView<acc_t*>&) {
     acc_t* mine = bins + threadIdx.y * size();
     const int64_t m_end = min(m0 + outputs, total_outputs);
-    for (int t = threadIdx.y; t < n; t += blockDim.y) {
-      const acc_t w = weight[t];
-      if (w == acc_t(0)) continue;
-      const typename Grads::Staged& s = staged[t];
+    const int step = blockDim.y;
+    for (int64_t m = m0 + threadIdx.x; m < m_end; m += blockDim.x) {
+      for (int t = threadIdx.y; t < n; t += kScoreBinBatch * step) {
+        int bin[kScoreBinBatch][kSlots];  // this lane's bin of each slot, or -1: none
+        acc_t w[kScoreBinBatch], g[kScoreBinBatch][kSlots];
 #pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        const int64_t k = s.key[j] - key0;  // an invalid slot's key is -1
-        if (k < 0 || k >= keys) continue;
-        const acc_t* g = grads.slot_grads + (s.point * kSlots + j) * total_outputs;
-        for (int64_t m = m0 + threadIdx.x; m < m_end; m += blockDim.x) mine[k * outputs + m - m0] += w * g[m];
+        for (int i = 0; i < kScoreBinBatch; ++i) {
+          const int e = t + i * step;
+          w[i] = e < n ? weight[e] : acc_t(0);
+#pragma unroll
+          for (int j = 0; j < kSlots; ++j) {
+            const int64_t k = w[i] != acc_t(0) ? staged[e].key[j] - key0 : -1;  // an invalid slot's key is -1
+            bin[i][j] = k >= 0 && k < keys ? static_cast<int>(k * outputs + m - m0) : -1;
+            g[i][j] = bin[i][j] >= 0 ? grads.slot_grads[(staged[e].point * kSlots + j) * total_outputs + m] : 0;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kScoreBinBatch; ++i) {
+#pragma unroll
+          for (int j = 0; j < kSlots; ++j) {
+            if (bin[i][j] >= 0) mine[bin[i][j]] += w[i] * g[i][j];
+          }
+        }
       }
     }
   }
