@@ -343,12 +343,15 @@ struct SumsLayout {
 };
 
 // A deterministic launch: blocks of `block` threads for every pixel and each of `chunks` chunks,
-// `sums` accumulation elements of shared memory per block.
+// `sums` accumulation elements of shared memory per block (a Sums type's plan); then the grid and
+// the dynamic shared memory in bytes (pixel_launch).
 struct PixelLaunch {
   dim3 block;
   int64_t chunks;
   int64_t sums;
   SumsLayout layout;
+  dim3 grid;
+  size_t shared = 0;
 };
 
 // The dynamic shared memory of a launch (its third launch parameter), 16-byte aligned.
@@ -417,18 +420,18 @@ struct ChannelSums {
     if (c >= target.channels) return;
     constexpr int kBatch = Grads::kLoadBatch;
     const int step = blockDim.y;
-    int t = threadIdx.y;
-    for (; t + (kBatch - 1) * step < n; t += kBatch * step) {
-      acc_t g[kBatch];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) g[i] = weight[t + i * step] != acc_t(0) ? grads.at(staged[t + i * step], c) : 0;
+    for (int t = threadIdx.y; t < n; t += kBatch * step) {
+      acc_t w[kBatch], g[kBatch];
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        if (weight[t + i * step] != acc_t(0)) sum += weight[t + i * step] * g[i];
+        const int e = t + i * step;
+        w[i] = e < n ? weight[e] : acc_t(0);
+        g[i] = w[i] != acc_t(0) ? grads.at(staged[e], c) : acc_t(0);
       }
-    }
-    for (; t < n; t += step) {
-      if (weight[t] != acc_t(0)) sum += weight[t] * grads.at(staged[t], c);
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        if (w[i] != acc_t(0)) sum += w[i] * g[i];
+      }
     }
   }
 
@@ -740,6 +743,17 @@ PixelLaunch ChannelSums<acc_t>::plan(const Grads&, int64_t channels, int64_t num
   return {dim3(threads, groups), ceil_div(channels, threads), int64_t(threads) * groups, SumsLayout()};
 }
 
+// The launch of a deterministic kernel for Grads: Grads::Sums' plan, a block per pixel and chunk,
+// and the dynamic shared memory (with the box gather's scan arrays where `boxes`).
+template <typename acc_t, typename Grads>
+PixelLaunch pixel_launch(const Grads& grads, int64_t channels, int64_t num_points, int64_t pixels, bool boxes) {
+  PixelLaunch launch = Grads::Sums::plan(grads, channels, num_points, pixels);
+  launch.grid = pixel_grid(pixels, launch.chunks);
+  launch.shared =
+      PixelShared<acc_t, typename Grads::Staged>::bytes(launch.block.x * launch.block.y, launch.sums, boxes);
+  return launch;
+}
+
 // Sorts `count` (key, value) pairs by the low `bits` bits of the key, stably (cub's radix sort: as
 // many passes as the bits need, about two for a feature map of up to 2^16 pixels).
 template <typename index_t>
@@ -782,11 +796,8 @@ void scatter_sorted_taps(const MapView<acc_t*>& target, const at::Tensor& buffer
       sorted_keys.data_ptr<index_t>(), count, pixels, begin.data_ptr<index_t>(), end.data_ptr<index_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const SegmentView<index_t> segments{begin.data_ptr<index_t>(), end.data_ptr<index_t>(), order.data_ptr<index_t>()};
-  const PixelLaunch launch = Grads::Sums::plan(grads, target.channels, num_points, pixels);
-  const size_t shared =
-      PixelShared<acc_t, typename Grads::Staged>::bytes(launch.block.x * launch.block.y, launch.sums, false);
-  const dim3 grid = pixel_grid(pixels, launch.chunks);
-  scatter_segments_kernel<acc_t, index_t, Grads><<<grid, launch.block, shared, stream>>>(
+  const PixelLaunch launch = pixel_launch<acc_t>(grads, target.channels, num_points, pixels, false);
+  scatter_segments_kernel<acc_t, index_t, Grads><<<launch.grid, launch.block, launch.shared, stream>>>(
       target, pixels, segments, weights.data_ptr<acc_t>(), src, grads, launch.sums, launch.layout);
 }
 
@@ -808,11 +819,8 @@ void gather_box_taps(const MapView<acc_t*>& target, const at::Tensor& buffer, co
                                                        columns.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const BoxRanges ranges{batch.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>()};
-  const PixelLaunch launch = Grads::Sums::plan(grads, target.channels, num_points, pixels);
-  const size_t shared =
-      PixelShared<acc_t, typename Grads::Staged>::bytes(launch.block.x * launch.block.y, launch.sums, true);
-  const dim3 grid = pixel_grid(pixels, launch.chunks);
-  gather_box_taps_kernel<acc_t, Grads><<<grid, launch.block, shared, stream>>>(
+  const PixelLaunch launch = pixel_launch<acc_t>(grads, target.channels, num_points, pixels, true);
+  gather_box_taps_kernel<acc_t, Grads><<<launch.grid, launch.block, launch.shared, stream>>>(
       target, pixels, num_rows, ranges, src, scale_y, scale_x, padding, grads, launch.sums, launch.layout);
 }
 
