@@ -5,7 +5,9 @@ It calls every operator forward and backward with both evaluation orders, the at
 deterministic backward (box grids gathered per pixel and sorted), float32 and float16 (wide
 channels_last loads), both tiles of the fused kernel (M = 2 and M = 33), and rows that must not be
 read: a batch index out of range, a non-integer one, a NaN coordinate, an invalid label, points far
-outside the image. It checks no values (the tests do); it exits 0 when every call returned.
+outside the image; and the value check (`index_values_valid`) on batch-index columns read in
+place, labels, and an empty column. It checks no values (the tests do); it exits 0 when every call
+returned.
 """
 
 import torch
@@ -71,7 +73,16 @@ def run_all(dtype):
         backward(ops.fused_hypercolumn_points(*args), features + wide)
 
 
+def run_index_checks():
+    _, points, boxes = inputs(torch.float32)
+    labels = torch.tensor([0, 2, 1, 7]).cuda()
+    for values, size in ((points[:, 0], 2), (points[:, 0].double(), 2), (boxes[:, 0], 2), (labels, 3),
+                         (points[:0, 0], 2)):
+        torch.ops.hypercolumn_ops.index_values_valid(values, size)
+
+
 def main():
+    run_index_checks()
     hypercolumn_ops.set_value_checks(False)  # let the invalid rows reach the kernels
     for dtype in (torch.float32, torch.float16):
         run_all(dtype)

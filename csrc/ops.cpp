@@ -18,6 +18,10 @@
 //              score channels then sample the scores (hypercolumn_ops/planning.py chooses).
 // Backward ops return the gradient of every feature (its shape), of every weight tensor (its
 // shape) and of the per-point bias rows (P, KK, M).
+//
+// index_values_valid(values, size): whether every element of the 1-D float32, float64 or int64
+// `values` is an integer value in [0, size) (csrc/index_check.h); the wrappers' value checks of
+// batch indices and labels.
 #include <torch/library.h>
 
 TORCH_LIBRARY(hypercolumn_ops, m) {
@@ -49,4 +53,5 @@ TORCH_LIBRARY(hypercolumn_ops, m) {
       "fused_hypercolumn_points_backward(Tensor grad, Tensor[] features, Tensor points, "
       "Tensor? locations, Tensor[] weights, Tensor? bias, Tensor? labels, float[] scale_y, "
       "float[] scale_x, int padding, int activation, int[] orders) -> (Tensor[], Tensor[], Tensor)");
+  m.def("index_values_valid(Tensor values, int size) -> bool");
 }

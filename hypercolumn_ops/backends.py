@@ -29,7 +29,7 @@ def _device_type(device: Union[str, torch.device]) -> str:
     return torch.device(device).type
 
 
-def _native_available(device_type: str) -> bool:
+def native_available(device_type: str) -> bool:
     from . import _native
 
     return _native.available(device_type)
@@ -47,7 +47,7 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     """Backends that can run on ``device``, best first (``"reference"`` is always last)."""
     device_type = _device_type(device)
     names = []
-    if _native_available(device_type):
+    if native_available(device_type):
         names.append("native")
     if _triton_available(device_type):
         names.append("triton")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import planning
-from .backends import backend_module
+from .backends import backend_module, native_available
 from .reference import ACTIVATION_NONE, ACTIVATION_SIGMOID, PADDING_BORDER, PADDING_ZEROS
 
 _PADDINGS = {"border": PADDING_BORDER, "zeros": PADDING_ZEROS}
@@ -85,13 +85,21 @@ def _check_coordinates(name: str, value: Tensor, columns: int, rows_name: str, f
     return value.detach().to(_coordinate_dtype(features)).contiguous()
 
 
+def _index_values_valid(values: Tensor, size: int) -> bool:
+    """Whether every element of the 1-D ``values`` is an integer value in ``[0, size)`` (NaN is
+    not). The compiled ``index_values_valid`` is one kernel and one synchronisation on CUDA; without
+    it, an integer value in range equals its floor clamped to ``[0, size - 1]``."""
+    if native_available(values.device.type):
+        return torch.ops.hypercolumn_ops.index_values_valid(values, size)
+    floor = values.floor() if values.is_floating_point() else values
+    return bool(values.eq(floor.clamp(0, size - 1)).all())
+
+
 def _check_batch_column(name: str, rows: Tensor, batch: int) -> None:
     if rows.shape[0] == 0 or not _checking_values():
         return
     column = rows[:, 0]
-    # An integer value in [0, B) equals its floor clamped to [0, B - 1]; NaN never does. Four
-    # elementwise launches instead of seven, before the one synchronisation.
-    if not bool(column.eq(column.floor().clamp_(0, batch - 1)).all()):
+    if not _index_values_valid(column, batch):
         raise ValueError(f"{name}: column 0 (batch index) must hold integer values in [0, {batch}), "
                          f"got values in [{column.min().item()}, {column.max().item()}]")
 
@@ -217,7 +225,7 @@ def _check_labels(labels: Optional[Tensor], class_specific: bool, count: int, cl
         raise ValueError(f"labels: expected shape ({rows},) = ({count},), got {tuple(labels.shape)}")
     if labels.device != features[0].device:
         raise ValueError(f"labels: device {labels.device} differs from the features' {features[0].device}")
-    if count and _checking_values() and not bool(labels.eq(labels.clamp(0, classes - 1)).all()):
+    if count and _checking_values() and not _index_values_valid(labels, classes):
         raise ValueError(f"labels: expected values in [0, {classes}), got values in "
                          f"[{labels.min().item()}, {labels.max().item()}]")
     return labels.contiguous()

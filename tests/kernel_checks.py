@@ -4,6 +4,7 @@ that what passes emulated is what the GPU run checks. The Triton tests (test_tri
 bias-gradient check."""
 
 import contextlib
+import math
 from typing import Callable, List, Tuple
 
 import pytest
@@ -204,6 +205,42 @@ def check_score_bins(ops, device) -> None:
                            "output-chunks"),
                 cases.Case("fused_hypercolumn", (f, crowd, few), dict(kwargs, output_size=(30, 30)), "crowded")):
             check_case(ops, case, 1)
+
+
+def check_index_values_valid(ops, device) -> None:
+    """``index_values_valid`` (csrc/index_check.h: on CUDA one kernel that raises a flag) against
+    its definition, every value an integer in [0, size): float32 and float64 batch columns, read
+    in place from (N, 3) rows whose other columns are not integers (so a kernel that ignores the
+    stride fails), and int64 labels; counts of 1, 257 (two blocks of 256 threads) and 300,000
+    (past the CUDA kernel's 1,024 blocks: a grid-stride loop); all values valid, then one bad value
+    (a fraction, -1, size, NaN, infinity) at the first, a middle or the last place. -0.0 is a valid
+    0, and an empty tensor is valid. Any other rank or dtype raises."""
+    g = torch.Generator().manual_seed(29)
+    size = 3
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        bad_values = (-1, size, 2 ** 40) if dtype == torch.int64 else (0.5, -1.0, size, math.nan, math.inf)
+        for count in (1, 257, 300_000):
+            index = torch.randint(0, size, (count,), generator=g)
+            if dtype == torch.int64:
+                values = index.to(device)
+            else:
+                rows = torch.rand(count, 3, generator=g, dtype=dtype) * 10 + 0.25
+                rows[:, 0] = index
+                rows[0, 0] = -0.0
+                values = rows.to(device)[:, 0]
+            assert ops.index_values_valid(values, size), (dtype, count)
+            for place in sorted({0, count // 2, count - 1}):
+                for bad in bad_values:
+                    spoiled = values.clone()
+                    spoiled[place] = bad
+                    assert not ops.index_values_valid(spoiled, size), (dtype, count, place, bad)
+                    assert ops.index_values_valid(spoiled[place + 1:], size), (dtype, count, place, bad)  # a view's offset
+        assert ops.index_values_valid(torch.empty(0, dtype=dtype, device=device), size)
+        assert not ops.index_values_valid(torch.zeros(2, dtype=dtype, device=device), 0)
+    with pytest.raises(RuntimeError, match="values: expected a 1-D tensor"):
+        ops.index_values_valid(torch.zeros(2, 3, device=device), size)
+    with pytest.raises(RuntimeError, match="values: expected float32, float64 or int64"):
+        ops.index_values_valid(torch.zeros(2, dtype=torch.float16, device=device), size)
 
 
 def check_double_backward_raises(backend: str, device) -> None:

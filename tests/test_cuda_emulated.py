@@ -17,8 +17,9 @@ import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, check_score_bins, check_score_products,
-                           deterministic_algorithms, forward_and_grads, run_in_order, wide_load_cases)
+                           check_deterministic_paths, check_index_values_valid, check_invalid_rows, check_score_bins,
+                           check_score_products, deterministic_algorithms, forward_and_grads, run_in_order,
+                           wide_load_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -136,3 +137,7 @@ def test_emulated_score_products(deterministic):
 
 def test_emulated_score_bins():
     check_score_bins(EMULATED, "cpu")
+
+
+def test_emulated_index_values_valid():
+    check_index_values_valid(EMULATED, "cpu")

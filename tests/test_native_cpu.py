@@ -10,7 +10,7 @@ import hypercolumn_ops
 from hypercolumn_ops import ops, reference
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
-from kernel_checks import check_double_backward_raises
+from kernel_checks import check_double_backward_raises, check_index_values_valid
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -425,3 +425,7 @@ def test_fused_points_requires_locations_for_several_cells():
 
 def test_double_backward_raises():
     check_double_backward_raises("native", "cpu")
+
+
+def test_index_values_valid():
+    check_index_values_valid(torch.ops.hypercolumn_ops, "cpu")

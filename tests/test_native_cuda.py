@@ -17,8 +17,9 @@ from hypercolumn_ops import reference
 
 import cases
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_invalid_rows, check_score_bins, check_score_products,
-                           deterministic_algorithms, forward_and_grads, run_in_order, wide_load_cases)
+                           check_deterministic_paths, check_index_values_valid, check_invalid_rows, check_score_bins,
+                           check_score_products, deterministic_algorithms, forward_and_grads, run_in_order,
+                           wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -209,3 +210,7 @@ def test_wide_channels_last_loads(dtype):
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
     for case in wide_load_cases(dtype, "cuda")[1]:
         cases.assert_close_to_reference(case, "native", rtol, atol)
+
+
+def test_index_values_valid():
+    check_index_values_valid(torch.ops.hypercolumn_ops, "cuda")

@@ -1,6 +1,6 @@
 // Loads libhypercolumn_ops (linked without --as-needed) and prints the schema of every
-// hypercolumn_ops operator and the dispatch keys it has kernels for; exits 1 if none are found or
-// one lacks a CPU kernel or its autograd kernel (csrc/autograd.cpp).
+// hypercolumn_ops operator and the dispatch keys it has kernels for; exits 1 if none are found, one
+// lacks a CPU kernel, or one that returns tensors lacks its autograd kernel (csrc/autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <iostream>
@@ -12,11 +12,15 @@ int main() {
     auto op = c10::Dispatcher::singleton().findOp(name);
     const bool cpu = op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
     const bool autograd = op->hasKernelForDispatchKey(c10::DispatchKey::Autograd);
+    bool differentiable = false;  // returns a tensor (index_values_valid returns a bool)
+    for (const auto& result : op->schema().returns()) {
+      differentiable = differentiable || !result.type()->cast<c10::BoolType>();
+    }
     std::cout << op->schema() << "\n    CPU kernel: " << (cpu ? "yes" : "no")
               << ", CUDA kernel: " << (op->hasKernelForDispatchKey(c10::DispatchKey::CUDA) ? "yes" : "no")
               << ", autograd: " << (autograd ? "yes" : "no") << "\n";
     ++found;
-    missing += cpu && autograd ? 0 : 1;
+    missing += cpu && (autograd || !differentiable) ? 0 : 1;
   }
   std::cout << found << " hypercolumn_ops operators\n";
   return found > 0 && missing == 0 ? 0 : 1;

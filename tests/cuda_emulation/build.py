@@ -71,7 +71,8 @@ def _build(verbose: bool):
     out = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
     sources = []
-    for relative in ("ops.cpp", "autograd.cpp", "cuda/common.cuh", "cuda/sampling_kernels.cu", "cuda/fused_kernels.cu"):
+    for relative in ("ops.cpp", "autograd.cpp", "cuda/common.cuh", "cuda/index_check.cu", "cuda/sampling_kernels.cu",
+                     "cuda/fused_kernels.cu"):
         with open(os.path.join(ROOT, "csrc", relative)) as file:
             text = rewrite(file.read())
         target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)

@@ -142,6 +142,12 @@ struct CUDAGuard {
 }  // namespace cuda
 }  // namespace c10
 
+template <typename StreamT>
+inline int cudaMemsetAsync(void* address, int value, size_t bytes, StreamT) {
+  std::memset(address, value, bytes);
+  return 0;
+}
+
 // cub's radix sort as its documentation specifies it: (key, value) pairs ordered by bits
 // [begin_bit, end_bit) of the key alone, stably; a first call without storage asks its size.
 namespace cub {

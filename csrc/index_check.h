@@ -1,0 +1,18 @@
+// index_values_valid: whether every element of a 1-D tensor (a batch-index column of points or
+// boxes, or labels) is an integer value in [0, size). The Python wrappers' value checks call it
+// before any kernel runs; on CUDA it is one kernel and one device-to-host copy of a flag.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace hypercolumn_ops {
+
+inline void check_index_values(const at::Tensor& values, int64_t size) {
+  TORCH_CHECK(values.dim() == 1, "values: expected a 1-D tensor, got shape ", values.sizes());
+  const auto type = values.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kLong,
+              "values: expected float32, float64 or int64, got ", type);
+  TORCH_CHECK(size >= 0, "size: expected a non-negative count, got ", size);
+}
+
+}  // namespace hypercolumn_ops
