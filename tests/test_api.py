@@ -46,6 +46,15 @@ WITH_POINTS = ["sparse_hypercolumn", "fused_hypercolumn_points"]
 WITH_BOXES = ["box_hypercolumn", "fused_hypercolumn"]
 
 
+@pytest.fixture(params=["compiled", "torch-ops"])
+def value_check(request, monkeypatch):
+    """The value checks through the compiled ``index_values_valid``, and through the torch ops
+    that stand in for it where the extension is not built (or built without CUDA)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(ops, "native_available", lambda device_type: False)
+    return request.param
+
+
 def expect(error, name, op, **changes):
     with pytest.raises(error) as info:
         call(op, **changes)
@@ -109,8 +118,8 @@ class TestPoints:
     def test_integer_dtype(self, op):
         expect(TypeError, "points", op, points=POINTS.long())
 
-    @pytest.mark.parametrize("index", [2.0, -1.0, 0.5, float("nan")])
-    def test_batch_index(self, op, index):
+    @pytest.mark.parametrize("index", [2.0, -1.0, 0.5, float("nan"), float("inf")])
+    def test_batch_index(self, op, index, value_check):
         points = POINTS.clone()
         points[1, 0] = index
         expect(ValueError, "points", op, points=points)
@@ -128,8 +137,8 @@ class TestBoxes:
     def test_list_longer_than_batch(self, op):
         expect(ValueError, "boxes", op, boxes=[BOXES[:, 1:]] * 3)
 
-    @pytest.mark.parametrize("index", [2.0, -1.0, 0.5])
-    def test_batch_index(self, op, index):
+    @pytest.mark.parametrize("index", [2.0, -1.0, 0.5, float("nan")])
+    def test_batch_index(self, op, index, value_check):
         boxes = BOXES.clone()
         boxes[0, 0] = index
         expect(ValueError, "boxes", op, boxes=boxes)
@@ -188,10 +197,10 @@ class TestClassifier:
         expect(ValueError, "labels", op, weights=cls(classes=3), labels=torch.tensor([0, 1, 2]))
 
     @pytest.mark.parametrize("label", [3, -1])
-    def test_labels_range(self, op, label):
+    def test_labels_range(self, op, label, value_check):
         expect(ValueError, "labels", op, weights=cls(classes=3), labels=torch.tensor([0, label]))
 
-    def test_class_bias(self, op):
+    def test_class_bias(self, op, value_check):
         out = call(op, weights=cls(classes=3), labels=torch.tensor([2, 0]), bias=torch.randn(3, 4, 2))
         assert out.isfinite().all()
 
@@ -214,6 +223,14 @@ def test_locations_shape():
 def test_per_box_bias_only_for_boxes():
     call("fused_hypercolumn", bias=torch.randn(2, 4, 2))
     expect(ValueError, "bias", "fused_hypercolumn_points", bias=torch.randn(2, 4, 2))
+
+
+@pytest.mark.parametrize("op", ALL)
+def test_valid_batch_indices_pass(op, value_check):
+    rows = (POINTS if op in WITH_POINTS else BOXES).clone()
+    rows[0, 0] = -0.0  # the index 0
+    out = call(op, **{"points" if op in WITH_POINTS else "boxes": rows})
+    assert out.isfinite().all()
 
 
 @pytest.mark.parametrize("backend", hypercolumn_ops.available_backends("cpu"))
