@@ -234,7 +234,8 @@ def check_index_values_valid(ops, device) -> None:
                     spoiled = values.clone()
                     spoiled[place] = bad
                     assert not ops.index_values_valid(spoiled, size), (dtype, count, place, bad)
-                    assert ops.index_values_valid(spoiled[place + 1:], size), (dtype, count, place, bad)  # a view's offset
+                    # The values after the bad one: a view with an offset.
+                    assert ops.index_values_valid(spoiled[place + 1:], size), (dtype, count, place, bad)
         assert ops.index_values_valid(torch.empty(0, dtype=dtype, device=device), size)
         assert not ops.index_values_valid(torch.zeros(2, dtype=dtype, device=device), 0)
     with pytest.raises(RuntimeError, match="values: expected a 1-D tensor"):

@@ -21,7 +21,9 @@ bool index_values_valid_cpu(const at::Tensor& values, int64_t size) {
         0, values.size(0), int64_t(1) << 16, true,
         [&](int64_t begin, int64_t end, bool chunk_valid) {
           int64_t b;
-          for (int64_t i = begin; i < end && chunk_valid; ++i) chunk_valid = batch_index<scalar_t>(data[i * stride], size, &b);
+          for (int64_t i = begin; i < end && chunk_valid; ++i) {
+            chunk_valid = batch_index<scalar_t>(data[i * stride], size, &b);
+          }
           return chunk_valid;
         },
         [](bool x, bool y) { return x && y; });
