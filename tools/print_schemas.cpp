@@ -3,6 +3,7 @@
 // lacks a CPU kernel, or one that returns tensors lacks its autograd kernel (csrc/autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <iostream>
 
 int main() {
@@ -12,10 +13,10 @@ int main() {
     auto op = c10::Dispatcher::singleton().findOp(name);
     const bool cpu = op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
     const bool autograd = op->hasKernelForDispatchKey(c10::DispatchKey::Autograd);
-    bool differentiable = false;  // returns a tensor (index_values_valid returns a bool)
-    for (const auto& result : op->schema().returns()) {
-      differentiable = differentiable || !result.type()->cast<c10::BoolType>();
-    }
+    // Every operator but index_values_valid (a bool) returns tensors and needs its formula.
+    const auto& returns = op->schema().returns();
+    const bool differentiable = std::any_of(returns.begin(), returns.end(),
+                                            [](const c10::Argument& r) { return !r.type()->cast<c10::BoolType>(); });
     std::cout << op->schema() << "\n    CPU kernel: " << (cpu ? "yes" : "no")
               << ", CUDA kernel: " << (op->hasKernelForDispatchKey(c10::DispatchKey::CUDA) ? "yes" : "no")
               << ", autograd: " << (autograd ? "yes" : "no") << "\n";
