@@ -29,13 +29,18 @@ def set_value_checks(enabled: bool) -> None:
 
     They need a device synchronisation, so a training loop that knows its inputs are valid may
     turn them off. Kernels never read or write out of bounds either way: a point with an invalid
-    batch index or label gets NaN outputs. Under ``torch.compile`` they are always off.
+    batch index or label gets NaN outputs. Under ``torch.compile`` and while a CUDA graph is being
+    captured (neither can hold a synchronisation) they are always off.
     """
     _value_checks[0] = bool(enabled)
 
 
-def _checking_values() -> bool:
-    return _value_checks[0] and not torch.compiler.is_compiling()
+def _checking_values(values: Tensor) -> bool:
+    """Whether to check the values of ``values`` now: the switch is on, and reading them back
+    would not break a compilation or a CUDA graph capture."""
+    if not _value_checks[0] or torch.compiler.is_compiling():
+        return False
+    return values.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -96,7 +101,7 @@ def _index_values_valid(values: Tensor, size: int) -> bool:
 
 
 def _check_batch_column(name: str, rows: Tensor, batch: int) -> None:
-    if rows.shape[0] == 0 or not _checking_values():
+    if rows.shape[0] == 0 or not _checking_values(rows):
         return
     column = rows[:, 0]
     if not _index_values_valid(column, batch):
@@ -225,7 +230,7 @@ def _check_labels(labels: Optional[Tensor], class_specific: bool, count: int, cl
         raise ValueError(f"labels: expected shape ({rows},) = ({count},), got {tuple(labels.shape)}")
     if labels.device != features[0].device:
         raise ValueError(f"labels: device {labels.device} differs from the features' {features[0].device}")
-    if count and _checking_values() and not _index_values_valid(labels, classes):
+    if count and _checking_values(labels) and not _index_values_valid(labels, classes):
         raise ValueError(f"labels: expected values in [0, {classes}), got values in "
                          f"[{labels.min().item()}, {labels.max().item()}]")
     return labels.contiguous()
