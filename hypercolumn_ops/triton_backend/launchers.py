@@ -8,6 +8,7 @@ time and the sorted entries of the deterministic path. No buffer scales with ``P
 """
 
 import contextlib
+import functools
 import os
 from typing import List, Optional, Tuple
 
@@ -62,9 +63,16 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _scales(scale_y: List[float], scale_x: List[float], dtype: torch.dtype, device) -> Tensor:
+def _scales(scale_y: List[float], scale_x: List[float], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Per-layer (sy, sx) in the accumulation dtype, read by the kernels (a Python float argument
-    would reach a kernel as float32)."""
+    would reach a kernel as float32). Made once per scales, dtype and device: a copy from the host
+    on every call would wait for the device, and could not be captured in a CUDA graph."""
+    return _device_scales(tuple(scale_y), tuple(scale_x), dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_scales(scale_y: Tuple[float, ...], scale_x: Tuple[float, ...], dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
     return torch.tensor([s for pair in zip(scale_y, scale_x) for s in pair], dtype=dtype, device=device)
 
 
