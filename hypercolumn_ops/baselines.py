@@ -49,8 +49,10 @@ def _compute_in(dtype: torch.dtype, tensors: Sequence[Optional[Tensor]]) -> List
 def _scaled_boxes(boxes: Tensor, scale_y: float, scale_x: float, dtype: torch.dtype) -> Tensor:
     """Boxes ``(R, 5)`` in the feature pixels of one layer, so that ``roi_align`` runs with
     ``spatial_scale=1`` also where the two axes scale differently."""
-    scale = boxes.new_tensor([1.0, scale_x, scale_y, scale_x, scale_y])
-    return (boxes * scale).to(dtype)
+    scaled = boxes.clone()  # scaled in place, not by a tensor of scales: no copy from the host
+    scaled[:, 1::2] *= scale_x
+    scaled[:, 2::2] *= scale_y
+    return scaled.to(dtype)
 
 
 def _roi_align_grid(feature: Tensor, boxes: Tensor, output_height: int, output_width: int, scale_y: float,
