@@ -300,3 +300,57 @@ def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> No
                 torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
     finally:
         hypercolumn_ops.set_value_checks(True)
+
+
+# A case of each operator for check_cuda_graph: the fused ones with labels, so that both value
+# checks (batch indices, labels) are met inside the capture.
+GRAPH_CASES = {"sparse_hypercolumn": "border-image_size-channels_last",
+               "box_hypercolumn": "zeros-spatial_scale-contiguous",
+               "fused_hypercolumn": "K5-M2-NC3-biasclass-sigmoid-border-contiguous",
+               "fused_hypercolumn_points": "K5-M2-NC3-biasclass-sigmoid-border-contiguous"}
+
+
+def check_cuda_graph(backend: str, op: str) -> None:
+    """The public ``op`` on ``backend``, forward and backward, captured in one CUDA graph with the
+    value checks left on (a capture skips them: they need a synchronisation), then replayed on new
+    feature, weight, bias and coordinate values: the output and gradients of an eager call on the
+    new values; with deterministic algorithms on, a second replay gives the same bits."""
+    case = next(c for c in cases.all_cases(torch.float64, "cuda", requires_grad=True)
+                if c.op == op and c.name == GRAPH_CASES[op])
+    inputs = cases.differentiable_inputs(case)
+    coordinates = case.args[1]
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    with hypercolumn_ops.use_backend(backend):
+        probe = torch.randn(case().shape, generator=generator, dtype=torch.float64, device="cuda")
+
+        def step():
+            for tensor in inputs:
+                tensor.grad = None
+            out = case()
+            out.backward(probe)
+            return out
+
+        # Warm-up on the capture's stream: Triton compiles its kernels, and cuBLAS makes its
+        # handle and this stream's workspace, on first use; a capture may do neither.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = step()
+        captured_grads = [tensor.grad for tensor in inputs]
+        with torch.no_grad():
+            for tensor in inputs:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype, device="cuda"))
+            coordinates[:, 1:] += 0.37  # moves every point or box by a fraction of a pixel
+        graph.replay()
+        replayed = (captured.detach().clone(), [grad.clone() for grad in captured_grads])
+        eager = forward_and_grads(case, inputs, probe)
+    what = f"{case} on {backend}, graph replay"
+    assert_all_close(replayed, eager, RTOL64, ATOL64, what)
+    if torch.are_deterministic_algorithms_enabled():
+        graph.replay()
+        assert_all_close((captured.detach(), captured_grads), replayed, 0.0, 0.0, f"{what} twice")

@@ -16,10 +16,10 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_index_values_valid, check_invalid_rows, check_score_bins,
-                           check_score_products, deterministic_algorithms, forward_and_grads, run_in_order,
-                           wide_load_cases)
+from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
+                           check_cuda_graph, check_deterministic_paths, check_index_values_valid, check_invalid_rows,
+                           check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
+                           run_in_order, wide_load_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -214,3 +214,10 @@ def test_wide_channels_last_loads(dtype):
 
 def test_index_values_valid():
     check_index_values_valid(torch.ops.hypercolumn_ops, "cuda")
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("op", list(GRAPH_CASES))
+def test_cuda_graph(op, enabled):
+    with deterministic_algorithms(enabled):
+        check_cuda_graph("native", op)

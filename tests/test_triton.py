@@ -16,7 +16,8 @@ import cases  # noqa: E402
 import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import ops as api  # noqa: E402
 from hypercolumn_ops.planning import PROJECT_SCORES, SAMPLE_FEATURES  # noqa: E402
-from kernel_checks import check_bias_segments, check_double_backward_raises, deterministic_algorithms  # noqa: E402
+from kernel_checks import (GRAPH_CASES, check_bias_segments, check_cuda_graph,  # noqa: E402
+                           check_double_backward_raises, deterministic_algorithms)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
@@ -219,3 +220,12 @@ def test_compile_fullgraph(case):
 
 def test_double_backward_raises():
     check_double_backward_raises("triton", DEVICE)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(INTERPRETING, reason="a CUDA graph needs the compiled kernels, not the interpreter")
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("op", list(GRAPH_CASES))
+def test_cuda_graph(op, enabled):
+    with deterministic_algorithms(enabled):
+        check_cuda_graph("triton", op)
