@@ -13,8 +13,9 @@
 #                 tests.xml has every test's result
 #   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
 #                 results after every workload, so a step cut short keeps the finished ones)
-#   5. profile    benchmarks/profile_cuda.py on sds and keypoints: host and kernel time per call
-#                 (profile.log), the profiler's tables (profiles/)
+#   5. profile    benchmarks/profile_cuda.py on sds and keypoints, both fused backends and
+#                 classify_then_sample: host time per call with and without the value checks, the
+#                 time of a CUDA graph's replay, kernel time (profile.log); the profiler's tables (profiles/)
 #   6. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
 #   7. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
@@ -83,7 +84,7 @@ step bench_float32 $(( (BUDGET - SANITIZER - PROFILE - SECONDS) / 2 )) "$PYTHON"
 step bench_bfloat16 $(( BUDGET - SANITIZER - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda \
   --dtype bfloat16 --out "$WORK/bench_bfloat16"
 step profile $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py --workloads sds keypoints \
-  --out "$WORK/profiles"
+  --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
@@ -96,7 +97,7 @@ step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.js
   echo "---- tail of tests.log"
   tail -n 40 "$WORK/tests.log"
   echo "---- tail of profile.log"
-  tail -n 14 "$WORK/profile.log"
+  tail -n 24 "$WORK/profile.log"
   echo "---- tail of sanitizer.log"
   tail -n 8 "$WORK/sanitizer.log"
 } >> "$SUMMARY"
