@@ -67,7 +67,7 @@ def main():
             if not result["package"].startswith(os.path.abspath(root)):
                 sys.exit(f"compare_builds: {root} imported {result['package']}")
             runs[root].append(result["times"])
-    print(f"| workload, mode | A ms | B ms | B / A |\n|---|---:|---:|---:|")
+    print("| workload, mode | A ms | B ms | B / A |\n|---|---:|---:|---:|")
     for key in runs[args.a][0]:
         a = statistics.median(r[key] for r in runs[args.a])
         b = statistics.median(r[key] for r in runs[args.b])
