@@ -119,28 +119,32 @@ def time_calls(call: Callable[[], Tensor], device: torch.device, min_reps: int, 
                max_reps: int) -> Dict:
     """Median wall time of ``call`` after one warm-up call (two on CUDA: the first may compile or
     autotune): at least ``min_reps`` repetitions and ``min_seconds`` in all, at most ``max_reps``.
-    On CUDA each repetition is timed with events between synchronisations.
+    On CUDA each repetition is timed with events between synchronisations, and the host time until
+    the call returns is kept beside it (where the two are close, the call waits on the host).
 
-    Returns ``{"median_ms", "times_ms", "output"}`` (the last call's output).
+    Returns ``{"median_ms", "times_ms", "host_times_ms", "output"}`` (the last call's output;
+    ``host_times_ms`` empty off CUDA, where ``times_ms`` are host times).
     """
     output = None
     for _ in range(2 if device.type == "cuda" else 1):
         output = call()
     _synchronize(device)
-    times = []
+    times, host_times = [], []
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_seconds * 1e3):
+        begin = time.perf_counter()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             output = call()
             end.record()
+            host_times.append((time.perf_counter() - begin) * 1e3)
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
-            begin = time.perf_counter()
             output = call()
             times.append((time.perf_counter() - begin) * 1e3)
-    return {"median_ms": statistics.median(times), "times_ms": times, "output": output}
+    return {"median_ms": statistics.median(times), "times_ms": times, "host_times_ms": host_times,
+            "output": output}
 
 
 def cuda_peak_bytes(call: Callable[[], Tensor], device: torch.device) -> int:

@@ -261,6 +261,7 @@ def run_case(inputs: Inputs, method: str, mode: str, device: torch.device, dtype
     result = {"status": "ok", "median_ms": timing["median_ms"], "times_ms": timing["times_ms"],
               "output": timing["output"]}
     if device.type == "cuda":
+        result["host_times_ms"] = timing["host_times_ms"]
         result["peak_bytes"] = cuda_peak_bytes(lambda: run_once(function, inputs, mode, gradient), device)
     else:
         memory = measure_memory_in_subprocess(workload.name, method, mode, dtype_name)
