@@ -1,9 +1,9 @@
 """The CUDA kernels of the ``"native"`` backend against the reference.
 
 Every case of ``cases.py`` in float64 (forward and gradients), the fused operators with each
-evaluation order forced, gradcheck, opcheck, ``torch.compile(fullgraph=True)``, bitwise
-reproducibility under ``torch.use_deterministic_algorithms(True)``, reduced precision, and rows
-with an invalid batch index, label or coordinate. Skipped where no CUDA device is visible.
+evaluation order forced, gradcheck, opcheck, ``torch.compile(fullgraph=True)``, CUDA graph capture,
+bitwise reproducibility under ``torch.use_deterministic_algorithms(True)``, reduced precision, and
+rows with an invalid batch index, label or coordinate. Skipped where no CUDA device is visible.
 """
 
 import functools
