@@ -16,9 +16,11 @@
 #   5. profile    benchmarks/profile_cuda.py on sds and keypoints, both fused backends and
 #                 classify_then_sample: host time per call with and without the value checks, the
 #                 time of a CUDA graph's replay, kernel time (profile.log); the profiler's tables (profiles/)
-#   6. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#   6. host       benchmarks/host_costs.py: host time of the pieces of the sds forward without the
+#                 profiler (one aten op, each layer's cuBLAS projection, the whole call)
+#   7. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
-#   7. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
+#   8. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
 # seconds, then the targets table and the tails of the test, profile and sanitizer logs) is left
@@ -77,14 +79,16 @@ step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.p
   --junitxml="$WORK/tests.xml" \
   -p no:cacheprovider
 BUDGET=475
-SANITIZER=40  # 13 s on an H200
-PROFILE=60
-step bench_float32 $(( (BUDGET - SANITIZER - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py --device cuda \
-  --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda \
+SANITIZER=40  # 15 s on an H200
+HOST=20
+PROFILE=60  # 19 s on an H200
+step bench_float32 $(( (BUDGET - SANITIZER - HOST - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py \
+  --device cuda --out "$WORK/bench_float32"
+step bench_bfloat16 $(( BUDGET - SANITIZER - HOST - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda \
   --dtype bfloat16 --out "$WORK/bench_bfloat16"
-step profile $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py --workloads sds keypoints \
+step profile $(( BUDGET - SANITIZER - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py --workloads sds keypoints \
   --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
+step host $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/host_costs.py
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
@@ -98,6 +102,8 @@ step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.js
   tail -n 40 "$WORK/tests.log"
   echo "---- tail of profile.log"
   tail -n 24 "$WORK/profile.log"
+  echo "---- host.log"
+  tail -n 20 "$WORK/host.log"
   echo "---- tail of sanitizer.log"
   tail -n 8 "$WORK/sanitizer.log"
 } >> "$SUMMARY"

@@ -1,9 +1,16 @@
 // CUDA kernels of sparse_hypercolumn and box_hypercolumn (forward and backward).
 //
-// A block takes a tile of kTilePoints points and a chunk of one layer's channels: it computes each
-// point's four taps once (shared memory), then every thread walks the tile for its channel(s). With
-// channels_last features a warp reads consecutive channels of one pixel, in 16-byte loads where the
-// strides allow; any other strides are read in place, never copied.
+// Forward, channels_last features (and sparse points on any layout): a block takes a tile of
+// kTilePoints points and a chunk of one layer's channels: it computes each point's four taps once
+// (shared memory), then every thread walks the tile for its channel(s). With channels_last features
+// a warp reads consecutive channels of one pixel, in 16-byte loads where the strides allow; any
+// other strides are read in place, never copied.
+//
+// Forward, box grids on maps whose channels are not contiguous (NCHW, as backbones return them):
+// a thread per grid place walks a chunk of channels (sample_forward_planar_kernel). A warp's
+// neighbouring grid places tap neighbouring pixels of one channel plane and write neighbouring
+// outputs of the (R, C, oh, ow) result, where lanes over channels would each touch their own plane
+// and their own output sector.
 //
 // Backward scatters each sample's gradient onto its taps (scatter_to_taps in common.cuh: atomics,
 // or per-pixel sums in a fixed order under torch.use_deterministic_algorithms(True)) into float32
@@ -16,6 +23,16 @@ namespace hypercolumn_ops {
 namespace cuda {
 namespace {
 
+// A point's taps for sampling: an invalid point reads image 0 (point_at's b), pixel (0, 0), with
+// NaN weights, which gives a NaN sample without a branch among the loads.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ PointTaps<acc_t> sample_taps(const Point<acc_t>& pt, const MapView<const scalar_t*>& map,
+                                                        acc_t scale_y, acc_t scale_x, int64_t padding) {
+  PointTaps<acc_t> point = point_taps(pt, map, scale_y, scale_x, padding);
+  if (!point.valid) point.taps = {0, 0, 0, 0, acc_t(NAN), acc_t(NAN), acc_t(NAN), acc_t(NAN)};
+  return point;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kChannelThreads)
     sample_forward_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
@@ -27,11 +44,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   const int count = static_cast<int>(min(static_cast<int64_t>(kTilePoints), num_points - first));
   for (int t = threadIdx.x; t < count; t += blockDim.x) {
     const Point<acc_t> pt = point_at(src, first + t);
-    PointTaps<acc_t> point = point_taps(pt, map, scale_y, scale_x, padding);
-    if (!point.valid) {  // image 0 (point_at's b), pixel (0, 0), NaN weights: a NaN sample
-      point.taps = {0, 0, 0, 0, acc_t(NAN), acc_t(NAN), acc_t(NAN), acc_t(NAN)};
-    }
-    taps[t] = point;
+    taps[t] = sample_taps(pt, map, scale_y, scale_x, padding);
     out_base[t] = output_offset(out_strides, pt);
   }
   __syncthreads();
@@ -54,6 +67,40 @@ __global__ void __launch_bounds__(kChannelThreads)
         scalar_t* destination = out + out_base[t0 + g] + (column_offset + c) * out_strides.column;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) destination[v * out_strides.column] = static_cast<scalar_t>(value[v]);
+      }
+    }
+  }
+}
+
+// Grid places per block of sample_forward_planar_kernel (a thread each), channels per block, and
+// channels whose taps a thread loads before it blends and stores them (4 x kPlanarGroup loads in
+// flight).
+constexpr int kPlanarPoints = 128;
+constexpr int kPlanarChannels = 16;
+constexpr int kPlanarGroup = 4;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPlanarPoints)
+    sample_forward_planar_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points,
+                                 acc_t scale_y, acc_t scale_x, int64_t padding, scalar_t* out,
+                                 OutputStrides out_strides, int64_t column_offset) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= num_points) return;
+  const Point<acc_t> pt = point_at(src, p);
+  const PointTaps<acc_t> taps = sample_taps(pt, map, scale_y, scale_x, padding);
+  scalar_t* destination = out + output_offset(out_strides, pt) + column_offset * out_strides.column;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kPlanarChannels;
+  const int64_t end = min(first + kPlanarChannels, map.channels);
+  for (int64_t c0 = first; c0 < end; c0 += kPlanarGroup) {
+    Pack<scalar_t, 1> loaded[kPlanarGroup][4];
+#pragma unroll
+    for (int g = 0; g < kPlanarGroup; ++g) load_taps<1>(map, taps, min(c0 + g, end - 1), loaded[g]);
+#pragma unroll
+    for (int g = 0; g < kPlanarGroup; ++g) {
+      if (c0 + g < end) {
+        acc_t value[1];
+        blend_taps<1>(taps, loaded[g], value);
+        destination[(c0 + g) * out_strides.column] = static_cast<scalar_t>(value[0]);
       }
     }
   }
@@ -87,7 +134,15 @@ void sample_forward(at::TensorList features, const at::Tensor& rows, int64_t gri
     for (size_t l = 0; l < features.size(); ++l) {
       const at::Tensor& f = features[l];
       const int64_t channels = f.size(1);
-      if (channels > 0) {
+      if (channels > 0 && grid_w > 0 && f.stride(1) != 1) {
+        const int64_t chunks = ceil_div(channels, kPlanarChannels);
+        check_grid_y(chunks, "features");
+        const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kPlanarPoints)), static_cast<unsigned>(chunks));
+        sample_forward_planar_kernel<scalar_t, acc_t><<<grid, kPlanarPoints, 0, stream>>>(
+            const_map_view<scalar_t>(f), src, num_points, static_cast<acc_t>(scale_y[l]),
+            static_cast<acc_t>(scale_x[l]), padding, out.data_ptr<scalar_t>(), strides, column_offset);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else if (channels > 0) {
         const bool wide = wide_loads_allowed(f, kWide);
         const int64_t columns = wide ? channels / kWide : channels;
         const int threads = channel_threads(columns);
