@@ -151,22 +151,29 @@ def check_bias_segments(ops, device, order) -> None:
 
 
 def check_score_products(ops, device) -> None:
-    """Order 1 (project the map to score channels) through cuBLAS: one 2-D product where the
-    images' pixels stack in memory (one image; a channels_last map), a batched product otherwise
-    (several NCHW images). Each layout, with contiguous weights and with strided ones (the weight
-    gradient then takes the weights' strides), against the reference in float64."""
+    """Order 1 (project the map to score channels). Small products of NCHW maps in the CUDA
+    kernels (project_scores_kernel: 18 score channels here, at most 32), in channel chunks of 128
+    added in order where a layer has more (129 and 300 channels: 2 and 3 chunks, the last short);
+    cuBLAS for channels_last maps and for 36 score channels: one 2-D product where the images'
+    pixels stack in memory (one image; a channels_last map), a batched product otherwise. Each
+    layout, with contiguous weights and with strided ones (the weight gradient then takes the
+    weights' strides), against the reference in float64."""
     g = torch.Generator().manual_seed(17)
-    for batch, layout in ((1, "contiguous"), (1, "channels_last"), (2, "channels_last"), (2, "contiguous")):
-        f = cases.features(torch.float64, device, layout, g, requires_grad=True, batch=batch)
+    wide = ((300, 4, 5), (129, 3, 3), (7, 3, 3))
+    for batch, layout, shapes in ((1, "contiguous", cases.LAYER_SHAPES), (1, "channels_last", cases.LAYER_SHAPES),
+                                  (2, "channels_last", cases.LAYER_SHAPES), (2, "contiguous", cases.LAYER_SHAPES),
+                                  (2, "contiguous", wide)):
+        f = cases.features(torch.float64, device, layout, g, requires_grad=True, batch=batch, shapes=shapes)
         boxes = cases.boxes(5, torch.float32, device, g, batch=batch)
-        for strided in (False, True):
-            w = cases.classifier(3, 2, None, torch.float64, device, g)
+        for strided, outputs in ((False, 2), (True, 2), (False, 4)):
+            w = cases.classifier(3, outputs, None, torch.float64, device, g, shapes=shapes)
             if strided:  # every other output of a classifier with twice as many
                 w = [torch.cat([x, x], dim=1)[:, ::2] for x in w]
             w = [x.requires_grad_() for x in w]
             case = cases.Case("fused_hypercolumn", (f, boxes, w),
                               dict(output_size=(4, 3), image_size=cases.IMAGE, activation="sigmoid"),
-                              f"B{batch}-{layout}-{'strided' if strided else 'contiguous'}-weights")
+                              f"B{batch}-{layout}-C{shapes[0][0]}-M{outputs}-"
+                              f"{'strided' if strided else 'contiguous'}-weights")
             check_case(ops, case, 1)
 
 

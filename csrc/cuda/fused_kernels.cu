@@ -5,8 +5,9 @@
 // is non-zero in shared memory, and per layer either
 //   order 0: samples a chunk of channels of every point into shared memory and takes
 //            one warp-wide dot product per (point, cell, output) with the cell's classifier row, or
-//   order 1: samples the layer's projected score map (B, H_l * W_l, NC * KK * M), which cuBLAS made
-//            from a view of the map (one 1x1 convolution, at::bmm) before the launch;
+//   order 1: samples the layer's projected score map (B, H_l * W_l, NC * KK * M), made from a view
+//            of the map before the launch (one 1x1 convolution: project_scores_kernel for small
+//            products of NCHW maps, cuBLAS otherwise);
 // then adds the bias, applies the activation per cell, blends with the location weights and writes
 // each output once. The hypercolumns themselves are never stored.
 //
@@ -628,11 +629,114 @@ PointSource<acc_t> fused_source(const FusedArgs& a, int64_t batch) {
           a.classes};
 }
 
-// Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T by cuBLAS,
-// as one 2-D product where the images' pixels stack (a 2-D product costs the host less).
+// Small score maps without cuBLAS. On the H200 one cuBLAS product costs about 53 us of host time
+// against 8 us for a plain launch (benchmarks/host_costs.py), several times the device time of a
+// product of the sizes below, and a fused forward made three of them. So where a pixel-contiguous
+// (NCHW) map has at most kProjectOutputs score channels and at most kProjectElements values, a
+// thread per pixel keeps every score channel in registers and walks a chunk of kProjectChunk
+// channels, the chunk's weights in shared memory; a block per (pixel tile, chunk). Several chunks
+// write float partials that project_sum_kernel adds in chunk order: the same bits on every run.
+constexpr int kProjectOutputs = 32;
+constexpr int kProjectThreads = 128;
+constexpr int64_t kProjectChunk = 128;
+constexpr int64_t kProjectElements = int64_t(1) << 22;
+
+template <typename scalar_t, typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kProjectThreads)
+    project_scores_kernel(const scalar_t* pixels, int64_t stride_b, int64_t stride_p, int64_t stride_c,
+                          int64_t image_pixels, int64_t num_pixels, int64_t channels, const scalar_t* weight,
+                          int64_t weight_stride_o, int64_t weight_stride_c, int outputs, out_t* out) {
+  __shared__ acc_t w[kProjectChunk][kProjectOutputs];
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kProjectChunk;
+  const int count = static_cast<int>(min(kProjectChunk, channels - first));
+  for (int k = threadIdx.x; k < count * outputs; k += blockDim.x) {
+    const int c = k / outputs, o = k - c * outputs;
+    w[c][o] = static_cast<acc_t>(weight[o * weight_stride_o + (first + c) * weight_stride_c]);
+  }
+  __syncthreads();
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= num_pixels) return;
+  const int64_t b = p / image_pixels;
+  const scalar_t* column = pixels + b * stride_b + (p - b * image_pixels) * stride_p + first * stride_c;
+  acc_t sums[kProjectOutputs];
+#pragma unroll
+  for (int o = 0; o < kProjectOutputs; ++o) sums[o] = acc_t(0);
+  for (int c = 0; c < count; ++c) {
+    const acc_t value = static_cast<acc_t>(column[c * stride_c]);
+#pragma unroll
+    for (int o = 0; o < kProjectOutputs; ++o) {
+      if (o < outputs) sums[o] += value * w[c][o];
+    }
+  }
+  out_t* destination = out + (static_cast<int64_t>(blockIdx.y) * num_pixels + p) * outputs;
+#pragma unroll
+  for (int o = 0; o < kProjectOutputs; ++o) {
+    if (o < outputs) destination[o] = static_cast<out_t>(sums[o]);
+  }
+}
+
+// out[i] = the sum over chunks of partial[chunk][i], in chunk order.
+template <typename scalar_t, typename acc_t>
+__global__ void project_sum_kernel(const acc_t* partial, int64_t chunks, int64_t size, scalar_t* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t sum = partial[i];
+    for (int64_t k = 1; k < chunks; ++k) sum += partial[k * size + i];
+    out[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Whether project_scores_in_kernels makes the score map of `pixels` (B, H*W, C) and `outputs`
+// score channels.
+bool small_projection(const at::Tensor& pixels, int64_t outputs) {
+  return pixels.stride(1) == 1 && outputs <= kProjectOutputs && pixels.numel() <= kProjectElements;
+}
+
+at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor& weight_matrix) {
+  const int64_t batch = pixels.size(0), image_pixels = pixels.size(1), channels = pixels.size(2);
+  const int64_t num_pixels = batch * image_pixels;
+  const int outputs = static_cast<int>(weight_matrix.size(0));
+  at::Tensor out = at::empty({batch, image_pixels, outputs}, pixels.options());
+  if (num_pixels == 0 || outputs == 0) return out;
+  if (channels == 0) return out.zero_();
+  const int64_t chunks = ceil_div(channels, kProjectChunk);
+  check_grid_y(chunks, "features");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)), static_cast<unsigned>(chunks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_scores", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const scalar_t* source = pixels.data_ptr<scalar_t>();
+    const scalar_t* weight = weight_matrix.data_ptr<scalar_t>();
+    if (chunks == 1) {
+      project_scores_kernel<scalar_t, acc_t, scalar_t><<<grid, kProjectThreads, 0, stream>>>(
+          source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
+          weight_matrix.stride(0), weight_matrix.stride(1), outputs, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const at::Tensor partial =
+        at::empty({chunks, num_pixels, outputs}, pixels.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    project_scores_kernel<scalar_t, acc_t, acc_t><<<grid, kProjectThreads, 0, stream>>>(
+        source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
+        weight_matrix.stride(0), weight_matrix.stride(1), outputs, partial.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t size = num_pixels * outputs;
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(size, 256), 1024));
+    project_sum_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(partial.data_ptr<acc_t>(), chunks, size,
+                                                                   out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T, in the
+// kernels above where the product is small, else by cuBLAS, as one 2-D product where the images'
+// pixels stack (a 2-D product costs the host less).
 at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight) {
   const at::Tensor pixels = pixel_matrix(feature);
-  const at::Tensor transposed = weight.reshape({-1, feature.size(1)}).t();
+  const at::Tensor weight_matrix = weight.reshape({-1, feature.size(1)});
+  if (small_projection(pixels, weight_matrix.size(0))) return project_scores_in_kernels(pixels, weight_matrix);
+  const at::Tensor transposed = weight_matrix.t();
   const at::Tensor stacked = stacked_pixels(pixels);
   if (stacked.defined()) return at::mm(stacked, transposed).view({pixels.size(0), pixels.size(1), -1});
   return at::bmm(pixels, transposed.unsqueeze(0).expand({feature.size(0), -1, -1}));
