@@ -151,13 +151,15 @@ def check_bias_segments(ops, device, order) -> None:
 
 
 def check_score_products(ops, device) -> None:
-    """Order 1 (project the map to score channels). Small products of NCHW maps in the CUDA
-    kernels (project_scores_kernel: 18 score channels here, at most 32), in channel chunks of 128
-    added in order where a layer has more (129 and 300 channels: 2 and 3 chunks, the last short);
-    cuBLAS for channels_last maps and for 36 score channels: one 2-D product where the images'
-    pixels stack in memory (one image; a channels_last map), a batched product otherwise. Each
-    layout, with contiguous weights and with strided ones (the weight gradient then takes the
-    weights' strides), against the reference in float64."""
+    """Order 1 (project the map to score channels), forward and gradients. Small products of NCHW
+    maps in the CUDA kernels (project_scores_in_kernels, project_grads_in_kernels: 18 score
+    channels here, at most 32): channel chunks of 128 added in order where a layer has more (129
+    and 300 channels: 2 and 3 chunks, the last short), weight-gradient tiles of 128 pixels (240
+    pixels over 2 images: 2 tiles, one across the images' boundary). cuBLAS for channels_last maps
+    and for 36 score channels: one 2-D product where the images' pixels stack in memory (one image;
+    a channels_last map), a batched product otherwise. Each layout, with contiguous weights and
+    with strided ones (the weight gradient then takes the weights' strides), against the reference
+    in float64."""
     g = torch.Generator().manual_seed(17)
     wide = ((300, 4, 5), (129, 3, 3), (7, 3, 3))
     for batch, layout, shapes in ((1, "contiguous", cases.LAYER_SHAPES), (1, "channels_last", cases.LAYER_SHAPES),

@@ -16,8 +16,9 @@
 //   order 0: scatters W^T (score gradient) onto the feature taps (scatter_to_taps, common.cuh), and
 //            sums (score gradient) x (resampled features) into per-chunk weight-gradient partials,
 //            which at::sum then adds;
-//   order 1: scatters the score gradients onto a score-map gradient and lets cuBLAS form the
-//            feature and weight gradients.
+//   order 1: scatters the score gradients onto a score-map gradient, from which
+//            project_grads_in_kernels (small products) or cuBLAS forms the feature and weight
+//            gradients.
 // The scatters use atomics by default; under torch.use_deterministic_algorithms(True) each pixel's
 // contributions are summed in a fixed order instead (gather_to_taps, common.cuh; score maps by
 // ScoreBins, which adds only the 4 cells a point touches), and order 1 stays where cuBLAS is
@@ -636,24 +637,55 @@ PointSource<acc_t> fused_source(const FusedArgs& a, int64_t batch) {
 // thread per pixel keeps every score channel in registers and walks a chunk of kProjectChunk
 // channels, the chunk's weights in shared memory; a block per (pixel tile, chunk). Several chunks
 // write float partials that project_sum_kernel adds in chunk order: the same bits on every run.
+// Backward does the same for the feature gradient; the weight gradient sums over pixels in tiles,
+// each lane's pixels and then the warp's lanes in a fixed order, and the tiles in order.
 constexpr int kProjectOutputs = 32;
 constexpr int kProjectThreads = 128;
 constexpr int64_t kProjectChunk = 128;
 constexpr int64_t kProjectElements = int64_t(1) << 22;
+// Pixels and channels per block of project_grad_weight_kernel (8 warps; a warp takes every 8th
+// channel of the block's chunk, a lane every 32nd pixel of its tile).
+constexpr int kWeightGradPixels = 128;
+constexpr int kWeightGradChannels = 32;
+constexpr int kWeightGradThreads = 256;
+
+// The (outputs, channels) weight matrix of a projection, any strides.
+template <typename scalar_t>
+struct WeightMatrix {
+  const scalar_t* data;
+  int64_t stride_o, stride_c;
+  int outputs;
+};
+
+template <typename scalar_t>
+WeightMatrix<scalar_t> weight_matrix_view(const at::Tensor& m) {
+  return {m.data_ptr<scalar_t>(), m.stride(0), m.stride(1), static_cast<int>(m.size(0))};
+}
+
+// Block y's chunk of kProjectChunk channels (from *first, *count of them) of the weights, into w.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_weight_chunk(const WeightMatrix<scalar_t>& weight, int64_t channels,
+                                                  acc_t (&w)[kProjectChunk][kProjectOutputs], int64_t* first,
+                                                  int* count) {
+  *first = static_cast<int64_t>(blockIdx.y) * kProjectChunk;
+  *count = static_cast<int>(min(kProjectChunk, channels - *first));
+  for (int k = threadIdx.x; k < *count * weight.outputs; k += blockDim.x) {
+    const int c = k / weight.outputs, o = k - c * weight.outputs;
+    w[c][o] = static_cast<acc_t>(weight.data[o * weight.stride_o + (*first + c) * weight.stride_c]);
+  }
+  __syncthreads();
+}
 
 template <typename scalar_t, typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kProjectThreads)
     project_scores_kernel(const scalar_t* pixels, int64_t stride_b, int64_t stride_p, int64_t stride_c,
-                          int64_t image_pixels, int64_t num_pixels, int64_t channels, const scalar_t* weight,
-                          int64_t weight_stride_o, int64_t weight_stride_c, int outputs, out_t* out) {
+                          int64_t image_pixels, int64_t num_pixels, int64_t channels, WeightMatrix<scalar_t> weight,
+                          out_t* out) {
   __shared__ acc_t w[kProjectChunk][kProjectOutputs];
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * kProjectChunk;
-  const int count = static_cast<int>(min(kProjectChunk, channels - first));
-  for (int k = threadIdx.x; k < count * outputs; k += blockDim.x) {
-    const int c = k / outputs, o = k - c * outputs;
-    w[c][o] = static_cast<acc_t>(weight[o * weight_stride_o + (first + c) * weight_stride_c]);
-  }
-  __syncthreads();
+  int64_t first;
+  int count;
+  load_weight_chunk(weight, channels, w, &first, &count);
+  const int outputs = weight.outputs;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= num_pixels) return;
   const int64_t b = p / image_pixels;
@@ -686,10 +718,27 @@ __global__ void project_sum_kernel(const acc_t* partial, int64_t chunks, int64_t
   }
 }
 
+template <typename acc_t>
+constexpr at::ScalarType acc_scalar_type() {
+  return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+}
+
+// out (contiguous, of the size of one chunk) = the sum of partial's chunks (dim 0), in order.
+template <typename scalar_t, typename acc_t>
+void sum_chunks(const at::Tensor& partial, const at::Tensor& out) {
+  const int64_t size = out.numel();
+  if (size == 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(size, 256), 1024));
+  project_sum_kernel<scalar_t, acc_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      partial.data_ptr<acc_t>(), partial.size(0), size, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Whether project_scores_in_kernels makes the score map of `pixels` (B, H*W, C) and `outputs`
-// score channels.
+// score channels (and project_grads_in_kernels its gradients).
 bool small_projection(const at::Tensor& pixels, int64_t outputs) {
-  return pixels.stride(1) == 1 && outputs <= kProjectOutputs && pixels.numel() <= kProjectElements;
+  return pixels.stride(1) == 1 && outputs <= kProjectOutputs && pixels.numel() <= kProjectElements &&
+         pixels.size(2) <= 65535 * int64_t(kWeightGradChannels);  // the weight gradient's grid y
 }
 
 at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor& weight_matrix) {
@@ -706,27 +755,140 @@ at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_scores", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const scalar_t* source = pixels.data_ptr<scalar_t>();
-    const scalar_t* weight = weight_matrix.data_ptr<scalar_t>();
+    const auto weight = weight_matrix_view<scalar_t>(weight_matrix);
     if (chunks == 1) {
       project_scores_kernel<scalar_t, acc_t, scalar_t><<<grid, kProjectThreads, 0, stream>>>(
           source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
-          weight_matrix.stride(0), weight_matrix.stride(1), outputs, out.data_ptr<scalar_t>());
+          out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const at::Tensor partial =
-        at::empty({chunks, num_pixels, outputs}, pixels.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const at::Tensor partial = at::empty({chunks, num_pixels, outputs}, pixels.options().dtype(acc_scalar_type<acc_t>()));
     project_scores_kernel<scalar_t, acc_t, acc_t><<<grid, kProjectThreads, 0, stream>>>(
         source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
-        weight_matrix.stride(0), weight_matrix.stride(1), outputs, partial.data_ptr<acc_t>());
+        partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t size = num_pixels * outputs;
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(size, 256), 1024));
-    project_sum_kernel<scalar_t, acc_t><<<blocks, 256, 0, stream>>>(partial.data_ptr<acc_t>(), chunks, size,
-                                                                   out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_chunks<scalar_t, acc_t>(partial, out);
   });
   return out;
+}
+
+// Gradient of a small projection's pixel matrix (B, H*W, C): grad_pixels[b, p, c] = the sum over
+// score channels o of score_grad[b, p, o] W[o, c]. A thread per pixel holds its score gradients in
+// registers and writes each channel of its chunk once.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kProjectThreads)
+    project_grad_pixels_kernel(const acc_t* score_grad, int64_t image_pixels, int64_t num_pixels, int64_t channels,
+                               WeightMatrix<scalar_t> weight, scalar_t* grad, int64_t stride_b, int64_t stride_p,
+                               int64_t stride_c) {
+  __shared__ acc_t w[kProjectChunk][kProjectOutputs];
+  int64_t first;
+  int count;
+  load_weight_chunk(weight, channels, w, &first, &count);
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= num_pixels) return;
+  const int outputs = weight.outputs;
+  acc_t g[kProjectOutputs];
+#pragma unroll
+  for (int o = 0; o < kProjectOutputs; ++o) {
+    if (o < outputs) g[o] = score_grad[p * outputs + o];
+  }
+  const int64_t b = p / image_pixels;
+  scalar_t* column = grad + b * stride_b + (p - b * image_pixels) * stride_p + first * stride_c;
+  for (int c = 0; c < count; ++c) {
+    acc_t sum = 0;
+#pragma unroll
+    for (int o = 0; o < kProjectOutputs; ++o) {
+      if (o < outputs) sum += g[o] * w[c][o];
+    }
+    column[c * stride_c] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Partial weight gradient of a small projection over one tile of kWeightGradPixels pixels:
+// partial[tile, o, c] = the sum over the tile's pixels p of score_grad[p, o] x[b, c, p]. The
+// tile's score gradients sit in shared memory; each lane sums its pixels, then the warp adds its
+// lanes in a fixed tree.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kWeightGradThreads)
+    project_grad_weight_kernel(const scalar_t* pixels, int64_t stride_b, int64_t stride_p, int64_t stride_c,
+                               int64_t image_pixels, int64_t num_pixels, int64_t channels, int outputs,
+                               const acc_t* score_grad, acc_t* partial) {
+  __shared__ acc_t g[kWeightGradPixels][kProjectOutputs + 1];  // + 1: lanes (pixels) on distinct banks
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kWeightGradPixels;
+  const int pixel_count = static_cast<int>(min(static_cast<int64_t>(kWeightGradPixels), num_pixels - first_pixel));
+  for (int k = threadIdx.x; k < pixel_count * outputs; k += blockDim.x) {
+    const int t = k / outputs, o = k - t * outputs;
+    g[t][o] = score_grad[(first_pixel + t) * outputs + o];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const scalar_t* column[kWeightGradPixels / 32];
+#pragma unroll
+  for (int i = 0; i < kWeightGradPixels / 32; ++i) {
+    const int64_t p = first_pixel + min(lane + 32 * i, pixel_count - 1);
+    const int64_t b = p / image_pixels;
+    column[i] = pixels + b * stride_b + (p - b * image_pixels) * stride_p;
+  }
+  const int64_t first_channel = static_cast<int64_t>(blockIdx.y) * kWeightGradChannels;
+  const int64_t end_channel = min(first_channel + kWeightGradChannels, channels);
+  for (int64_t c = first_channel + warp; c < end_channel; c += kWeightGradThreads / 32) {
+    acc_t sums[kProjectOutputs];
+#pragma unroll
+    for (int o = 0; o < kProjectOutputs; ++o) sums[o] = acc_t(0);
+#pragma unroll
+    for (int i = 0; i < kWeightGradPixels / 32; ++i) {
+      const int t = lane + 32 * i;
+      if (t < pixel_count) {
+        const acc_t value = static_cast<acc_t>(column[i][c * stride_c]);
+#pragma unroll
+        for (int o = 0; o < kProjectOutputs; ++o) sums[o] += value * g[t][o];
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < kProjectOutputs; ++o) {
+      if (o < outputs) {
+        const acc_t sum = warp_sum(sums[o]);
+        if (lane == 0) partial[(static_cast<int64_t>(blockIdx.x) * outputs + o) * channels + c] = sum;
+      }
+    }
+  }
+}
+
+// The feature and weight gradients of a small projection (small_projection), from the score-map
+// gradient (B, H*W, O) in the accumulation type: grad_pixels (B, H*W, C) filled, and the weight
+// gradient (O, C) returned in the weights' dtype. Every value is summed in a fixed order.
+at::Tensor project_grads_in_kernels(const at::Tensor& score_grad, const at::Tensor& pixels,
+                                    const at::Tensor& weight_matrix, const at::Tensor& grad_pixels) {
+  const int64_t image_pixels = pixels.size(1), num_pixels = pixels.size(0) * image_pixels;
+  const int64_t channels = pixels.size(2);
+  const int outputs = static_cast<int>(weight_matrix.size(0));
+  at::Tensor grad_weight = at::empty({outputs, channels}, weight_matrix.options());
+  if (channels == 0) return grad_weight;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t channel_chunks = ceil_div(channels, kProjectChunk);
+  const int64_t tiles = ceil_div(num_pixels, kWeightGradPixels);
+  const int64_t weight_chunks = ceil_div(channels, kWeightGradChannels);
+  check_grid_y(channel_chunks, "features");
+  check_grid_y(weight_chunks, "features");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_grads", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const acc_t* g = score_grad.data_ptr<acc_t>();
+    const dim3 pixel_grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)),
+                          static_cast<unsigned>(channel_chunks));
+    project_grad_pixels_kernel<scalar_t, acc_t><<<pixel_grid, kProjectThreads, 0, stream>>>(
+        g, image_pixels, num_pixels, channels, weight_matrix_view<scalar_t>(weight_matrix),
+        grad_pixels.data_ptr<scalar_t>(), grad_pixels.stride(0), grad_pixels.stride(1), grad_pixels.stride(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor partial = at::empty({tiles, outputs, channels}, score_grad.options());
+    const dim3 weight_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(weight_chunks));
+    project_grad_weight_kernel<scalar_t, acc_t><<<weight_grid, kWeightGradThreads, 0, stream>>>(
+        pixels.data_ptr<scalar_t>(), pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels,
+        channels, outputs, g, partial.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_chunks<scalar_t, acc_t>(partial, grad_weight);
+  });
+  return grad_weight;
 }
 
 // Score map (B, H*W, NC*KK*M) of an order-1 layer: the map's pixel matrix times W^T, in the
@@ -904,7 +1066,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
       const int64_t channels = f.size(1);
       const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
       if (a.orders[l] == kOrderProjectScores) {
-        // Score-map gradient (B, H*W, NC*KK*M), then the 1x1 convolution's two products by cuBLAS.
+        // Score-map gradient (B, H*W, NC*KK*M), then the 1x1 convolution's two products.
         at::Tensor score_grad = at::zeros({batch, f.size(2) * f.size(3), score_rows}, f.options().dtype(acc_type));
         // The same memory as a (B, NC*KK*M, H, W) map for the scatters.
         const at::Tensor score_grad_map =
@@ -919,12 +1081,18 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
               src, a.num_points, a.outputs, map_view<acc_t>(score_grad_map), sy, sx, padding, g, keys);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
         const at::Tensor weight_matrix = a.weights[l].reshape({score_rows, channels});
         // Dense (effective_order), so empty_like keeps the map's strides and its pixel matrix exists.
         grad_features[l] = at::empty_like(f);
         at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
         const at::Tensor pixels = pixel_matrix(f);
+        if (small_projection(pixels, score_rows)) {
+          const at::Tensor grad_weight = project_grads_in_kernels(score_grad, pixels, weight_matrix, grad_pixels);
+          grad_weights[l] = weights[l].is_contiguous() ? grad_weight.view(weights[l].sizes())
+                                                       : at::empty_like(weights[l]).copy_(grad_weight.view(weights[l].sizes()));
+          continue;
+        }
+        const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
         const at::Tensor stacked = stacked_pixels(pixels);
         at::Tensor stacked_grad = stacked_pixels(grad_pixels);
         if (stacked.defined() && stacked_grad.defined()) {
