@@ -3,11 +3,12 @@
 Run from the repository root: ``compute-sanitizer --tool memcheck python benchmarks/sanitize_cases.py``.
 It calls every operator forward and backward with both evaluation orders, the atomic and the
 deterministic backward (box grids gathered per pixel and sorted), float32 and float16 (wide
-channels_last loads), both tiles of the fused kernel (M = 2 and M = 33), and rows that must not be
-read: a batch index out of range, a non-integer one, a NaN coordinate, an invalid label, points far
-outside the image; and the value check (`index_values_valid`) on batch-index columns read in
-place, labels, and an empty column. It checks no values (the tests do); it exits 0 when every call
-returned.
+channels_last loads), both tiles of the fused kernel (M = 2 and M = 33), the projections of small
+NCHW maps and their gradients (project_scores_in_kernels, project_grads_in_kernels), and rows
+that must not be read: a batch index out of range, a non-integer one, a NaN coordinate, an
+invalid label, points far outside the image; and the value check (`index_values_valid`) on
+batch-index columns read in place, labels, and an empty column. It checks no values (the tests
+do); it exits 0 when every call returned.
 """
 
 import torch
@@ -71,6 +72,14 @@ def run_all(dtype):
         args = list(public.normalise_fused_hypercolumn_points(features, points, wide, image_size=IMAGE))
         args[-1] = [order] * len(features)
         backward(ops.fused_hypercolumn_points(*args), features + wide)
+    # 18 score channels of NCHW maps: the projections and their gradients in the package's kernels
+    # (130 channels: two chunks; 2 x 99 pixels: two weight-gradient tiles).
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randn(2, 130, 9, 11, generator=g).to(dtype).cuda().requires_grad_(True), features[0]]
+    small = [(0.1 * torch.randn(grid * grid, outputs, f.shape[1])).to(dtype).cuda().requires_grad_(True) for f in maps]
+    args = list(public.normalise_fused_hypercolumn(maps, boxes, small, output_size=(4, 5), image_size=IMAGE))
+    args[-1] = [1] * len(maps)
+    backward(ops.fused_hypercolumn(*args), maps + small)
 
 
 def run_index_checks():
