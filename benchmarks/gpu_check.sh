@@ -23,7 +23,7 @@
 #   8. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
-# seconds, then the targets table and the tails of the test, profile and sanitizer logs) is left
+# seconds, then the targets table and the tails of the test, profile, host and sanitizer logs) is left
 # beside it: two files come back.
 set -o pipefail
 export PYTHONUNBUFFERED=1

@@ -76,15 +76,14 @@ def main() -> None:
             transposed = weight.reshape(-1, channels).t()
             label = f"mm {tuple(pixels.shape)} x {tuple(transposed.shape)}"
             for library in libraries:
-                if library != "default":
-                    torch.backends.cuda.preferred_blas_library(library)
+                if original is not None:
+                    torch.backends.cuda.preferred_blas_library(original if library == "default" else library)
                 rows.append((f"{label}, {library}", host_and_device_ms(lambda: torch.mm(pixels, transposed),
                                                                        args.calls)))
-            if original is not None:
-                torch.backends.cuda.preferred_blas_library(original)
-            dense = pixels.contiguous()
-            rows.append((f"{label}, contiguous pixels", host_and_device_ms(lambda: torch.mm(dense, transposed),
-                                                                           args.calls)))
+                if library == "default":
+                    dense = pixels.contiguous()
+                    rows.append((f"{label}, contiguous pixels",
+                                 host_and_device_ms(lambda: torch.mm(dense, transposed), args.calls)))
     finally:
         if original is not None:
             torch.backends.cuda.preferred_blas_library(original)

@@ -649,6 +649,26 @@ constexpr int kWeightGradPixels = 128;
 constexpr int kWeightGradChannels = 32;
 constexpr int kWeightGradThreads = 256;
 
+// A (B, H*W, C) pixel matrix (pixel_matrix) as the projection kernels see it: pixel p of the
+// B * H*W runs over the images in turn, any strides.
+template <typename ptr_t>
+struct PixelMatrix {
+  ptr_t data;
+  int64_t stride_b, stride_p, stride_c;
+  int64_t image_pixels;
+  // Pixel p's channel 0.
+  __device__ __forceinline__ ptr_t column(int64_t p) const {
+    const int64_t b = p / image_pixels;
+    return data + b * stride_b + (p - b * image_pixels) * stride_p;
+  }
+};
+
+template <typename ptr_t>
+PixelMatrix<ptr_t> pixel_matrix_view(const at::Tensor& m) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<ptr_t>>;
+  return {m.data_ptr<scalar_t>(), m.stride(0), m.stride(1), m.stride(2), m.size(1)};
+}
+
 // The (outputs, channels) weight matrix of a projection, any strides.
 template <typename scalar_t>
 struct WeightMatrix {
@@ -678,9 +698,8 @@ __device__ __forceinline__ void load_weight_chunk(const WeightMatrix<scalar_t>& 
 
 template <typename scalar_t, typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kProjectThreads)
-    project_scores_kernel(const scalar_t* pixels, int64_t stride_b, int64_t stride_p, int64_t stride_c,
-                          int64_t image_pixels, int64_t num_pixels, int64_t channels, WeightMatrix<scalar_t> weight,
-                          out_t* out) {
+    project_scores_kernel(PixelMatrix<const scalar_t*> pixels, int64_t num_pixels, int64_t channels,
+                          WeightMatrix<scalar_t> weight, out_t* out) {
   __shared__ acc_t w[kProjectChunk][kProjectOutputs];
   int64_t first;
   int count;
@@ -688,13 +707,12 @@ __global__ void __launch_bounds__(kProjectThreads)
   const int outputs = weight.outputs;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= num_pixels) return;
-  const int64_t b = p / image_pixels;
-  const scalar_t* column = pixels + b * stride_b + (p - b * image_pixels) * stride_p + first * stride_c;
+  const scalar_t* column = pixels.column(p) + first * pixels.stride_c;
   acc_t sums[kProjectOutputs];
 #pragma unroll
   for (int o = 0; o < kProjectOutputs; ++o) sums[o] = acc_t(0);
   for (int c = 0; c < count; ++c) {
-    const acc_t value = static_cast<acc_t>(column[c * stride_c]);
+    const acc_t value = static_cast<acc_t>(column[c * pixels.stride_c]);
 #pragma unroll
     for (int o = 0; o < kProjectOutputs; ++o) {
       if (o < outputs) sums[o] += value * w[c][o];
@@ -716,11 +734,6 @@ __global__ void project_sum_kernel(const acc_t* partial, int64_t chunks, int64_t
     for (int64_t k = 1; k < chunks; ++k) sum += partial[k * size + i];
     out[i] = static_cast<scalar_t>(sum);
   }
-}
-
-template <typename acc_t>
-constexpr at::ScalarType acc_scalar_type() {
-  return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
 }
 
 // out (contiguous, of the size of one chunk) = the sum of partial's chunks (dim 0), in order.
@@ -754,19 +767,18 @@ at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor&
   const dim3 grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)), static_cast<unsigned>(chunks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_scores", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* source = pixels.data_ptr<scalar_t>();
+    const auto source = pixel_matrix_view<const scalar_t*>(pixels);
     const auto weight = weight_matrix_view<scalar_t>(weight_matrix);
     if (chunks == 1) {
       project_scores_kernel<scalar_t, acc_t, scalar_t><<<grid, kProjectThreads, 0, stream>>>(
-          source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
-          out.data_ptr<scalar_t>());
+          source, num_pixels, channels, weight, out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const at::Tensor partial = at::empty({chunks, num_pixels, outputs}, pixels.options().dtype(acc_scalar_type<acc_t>()));
+    const at::Tensor partial =
+        at::empty({chunks, num_pixels, outputs}, pixels.options().dtype(coordinate_type(pixels.scalar_type())));
     project_scores_kernel<scalar_t, acc_t, acc_t><<<grid, kProjectThreads, 0, stream>>>(
-        source, pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels, channels, weight,
-        partial.data_ptr<acc_t>());
+        source, num_pixels, channels, weight, partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sum_chunks<scalar_t, acc_t>(partial, out);
   });
@@ -778,9 +790,8 @@ at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor&
 // registers and writes each channel of its chunk once.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kProjectThreads)
-    project_grad_pixels_kernel(const acc_t* score_grad, int64_t image_pixels, int64_t num_pixels, int64_t channels,
-                               WeightMatrix<scalar_t> weight, scalar_t* grad, int64_t stride_b, int64_t stride_p,
-                               int64_t stride_c) {
+    project_grad_pixels_kernel(const acc_t* score_grad, int64_t num_pixels, int64_t channels,
+                               WeightMatrix<scalar_t> weight, PixelMatrix<scalar_t*> grad) {
   __shared__ acc_t w[kProjectChunk][kProjectOutputs];
   int64_t first;
   int count;
@@ -793,15 +804,14 @@ __global__ void __launch_bounds__(kProjectThreads)
   for (int o = 0; o < kProjectOutputs; ++o) {
     if (o < outputs) g[o] = score_grad[p * outputs + o];
   }
-  const int64_t b = p / image_pixels;
-  scalar_t* column = grad + b * stride_b + (p - b * image_pixels) * stride_p + first * stride_c;
+  scalar_t* column = grad.column(p) + first * grad.stride_c;
   for (int c = 0; c < count; ++c) {
     acc_t sum = 0;
 #pragma unroll
     for (int o = 0; o < kProjectOutputs; ++o) {
       if (o < outputs) sum += g[o] * w[c][o];
     }
-    column[c * stride_c] = static_cast<scalar_t>(sum);
+    column[c * grad.stride_c] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -811,8 +821,7 @@ __global__ void __launch_bounds__(kProjectThreads)
 // lanes in a fixed tree.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWeightGradThreads)
-    project_grad_weight_kernel(const scalar_t* pixels, int64_t stride_b, int64_t stride_p, int64_t stride_c,
-                               int64_t image_pixels, int64_t num_pixels, int64_t channels, int outputs,
+    project_grad_weight_kernel(PixelMatrix<const scalar_t*> pixels, int64_t num_pixels, int64_t channels, int outputs,
                                const acc_t* score_grad, acc_t* partial) {
   __shared__ acc_t g[kWeightGradPixels][kProjectOutputs + 1];  // + 1: lanes (pixels) on distinct banks
   const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kWeightGradPixels;
@@ -826,9 +835,7 @@ __global__ void __launch_bounds__(kWeightGradThreads)
   const scalar_t* column[kWeightGradPixels / 32];
 #pragma unroll
   for (int i = 0; i < kWeightGradPixels / 32; ++i) {
-    const int64_t p = first_pixel + min(lane + 32 * i, pixel_count - 1);
-    const int64_t b = p / image_pixels;
-    column[i] = pixels + b * stride_b + (p - b * image_pixels) * stride_p;
+    column[i] = pixels.column(first_pixel + min(lane + 32 * i, pixel_count - 1));
   }
   const int64_t first_channel = static_cast<int64_t>(blockIdx.y) * kWeightGradChannels;
   const int64_t end_channel = min(first_channel + kWeightGradChannels, channels);
@@ -840,7 +847,7 @@ __global__ void __launch_bounds__(kWeightGradThreads)
     for (int i = 0; i < kWeightGradPixels / 32; ++i) {
       const int t = lane + 32 * i;
       if (t < pixel_count) {
-        const acc_t value = static_cast<acc_t>(column[i][c * stride_c]);
+        const acc_t value = static_cast<acc_t>(column[i][c * pixels.stride_c]);
 #pragma unroll
         for (int o = 0; o < kProjectOutputs; ++o) sums[o] += value * g[t][o];
       }
@@ -860,8 +867,7 @@ __global__ void __launch_bounds__(kWeightGradThreads)
 // gradient (O, C) returned in the weights' dtype. Every value is summed in a fixed order.
 at::Tensor project_grads_in_kernels(const at::Tensor& score_grad, const at::Tensor& pixels,
                                     const at::Tensor& weight_matrix, const at::Tensor& grad_pixels) {
-  const int64_t image_pixels = pixels.size(1), num_pixels = pixels.size(0) * image_pixels;
-  const int64_t channels = pixels.size(2);
+  const int64_t num_pixels = pixels.size(0) * pixels.size(1), channels = pixels.size(2);
   const int outputs = static_cast<int>(weight_matrix.size(0));
   at::Tensor grad_weight = at::empty({outputs, channels}, weight_matrix.options());
   if (channels == 0) return grad_weight;
@@ -877,14 +883,12 @@ at::Tensor project_grads_in_kernels(const at::Tensor& score_grad, const at::Tens
     const dim3 pixel_grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)),
                           static_cast<unsigned>(channel_chunks));
     project_grad_pixels_kernel<scalar_t, acc_t><<<pixel_grid, kProjectThreads, 0, stream>>>(
-        g, image_pixels, num_pixels, channels, weight_matrix_view<scalar_t>(weight_matrix),
-        grad_pixels.data_ptr<scalar_t>(), grad_pixels.stride(0), grad_pixels.stride(1), grad_pixels.stride(2));
+        g, num_pixels, channels, weight_matrix_view<scalar_t>(weight_matrix), pixel_matrix_view<scalar_t*>(grad_pixels));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor partial = at::empty({tiles, outputs, channels}, score_grad.options());
     const dim3 weight_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(weight_chunks));
     project_grad_weight_kernel<scalar_t, acc_t><<<weight_grid, kWeightGradThreads, 0, stream>>>(
-        pixels.data_ptr<scalar_t>(), pixels.stride(0), pixels.stride(1), pixels.stride(2), image_pixels, num_pixels,
-        channels, outputs, g, partial.data_ptr<acc_t>());
+        pixel_matrix_view<const scalar_t*>(pixels), num_pixels, channels, outputs, g, partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sum_chunks<scalar_t, acc_t>(partial, grad_weight);
   });
