@@ -5,7 +5,7 @@ bias-gradient check."""
 
 import contextlib
 import math
-from typing import Callable, List, Tuple
+from typing import Callable, List
 
 import pytest
 import torch
@@ -74,17 +74,29 @@ def check_case(ops, case: cases.Case, order) -> None:
         assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
 
-def wide_load_cases(dtype, device) -> Tuple[List[torch.Tensor], List[cases.Case]]:
-    """Channel counts that are multiples of every vector width (16 bytes: 2 float64 ... 8 float16),
-    so the sampling kernels take their wide-load path, which the odd channel counts of cases.py
-    skip: the channels_last features and a sparse and a box case over them."""
+def block_path_cases(dtype, device) -> List[cases.Case]:
+    """Sampling cases for the block shapes of the CUDA forward kernels that the shared cases miss
+    (their layers have 3 to 7 channels of odd counts):
+
+    - channels_last maps whose channel counts are multiples of every vector width (16 bytes: 2
+      float64 ... 8 float16), so that the kernels take their wide-load path;
+    - NCHW and strided maps of 70 and 131 channels, more than a block takes (64 channels of 32
+      sparse points, 16 channels of 128 box grid places) and no multiple of it, with 41 points
+      and 9 boxes x 35 grid places: several blocks each way, the last ones partial."""
     g = torch.Generator().manual_seed(5)
-    shapes = ((8, 10, 12), (16, 5, 6), (24, 3, 3))
-    f = cases.features(dtype, device, "channels_last", g, requires_grad=True, shapes=shapes)
-    return f, [cases.Case("sparse_hypercolumn", (f, cases.points(40, torch.float32, device, g)),
-                          {"image_size": cases.IMAGE}, "wide"),
-               cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, device, g), (5, 4)),
-                          {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")]
+    f = cases.features(dtype, device, "channels_last", g, requires_grad=True,
+                       shapes=((8, 10, 12), (16, 5, 6), (24, 3, 3)))
+    out = [cases.Case("sparse_hypercolumn", (f, cases.points(40, torch.float32, device, g)),
+                      {"image_size": cases.IMAGE}, "wide"),
+           cases.Case("box_hypercolumn", (f, cases.boxes(6, torch.float32, device, g), (5, 4)),
+                      {"image_size": cases.IMAGE, "padding": "zeros"}, "wide")]
+    for layout in ("contiguous", "strided"):
+        f = cases.features(dtype, device, layout, g, requires_grad=True, shapes=((70, 6, 7), (131, 4, 5)))
+        out += [cases.Case("sparse_hypercolumn", (f, cases.points(29, torch.float32, device, g)),
+                           {"image_size": cases.IMAGE}, f"many-channels-{layout}"),
+                cases.Case("box_hypercolumn", (f, cases.boxes(5, torch.float32, device, g), (5, 7)),
+                           {"image_size": cases.IMAGE, "padding": "zeros"}, f"many-channels-{layout}")]
+    return out
 
 
 def check_deterministic_paths(ops, device, order) -> None:

@@ -19,7 +19,7 @@ from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
                            check_deterministic_paths, check_index_values_valid, check_invalid_rows, check_score_bins,
                            check_score_products, deterministic_algorithms, forward_and_grads, run_in_order,
-                           wide_load_cases)
+                           block_path_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -86,12 +86,12 @@ def test_emulated_invalid_rows_give_nan_and_no_gradient(order, deterministic):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)
-def test_emulated_wide_channels_last_loads(dtype):
+def test_emulated_sampling_block_paths(dtype):
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
-    features, wide_cases = wide_load_cases(dtype, "cpu")
-    for case in wide_cases:
-        emulated = forward_and_grads(lambda: run_in_order(case, EMULATED), features)
-        expected = forward_and_grads(lambda: run_in_order(case, reference), features)
+    for case in block_path_cases(dtype, "cpu"):
+        inputs = cases.differentiable_inputs(case)
+        emulated = forward_and_grads(lambda: run_in_order(case, EMULATED), inputs)
+        expected = forward_and_grads(lambda: run_in_order(case, reference), inputs)
         assert_all_close(emulated, expected, rtol, atol, f"{case} {dtype}")
 
 

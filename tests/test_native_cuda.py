@@ -19,7 +19,7 @@ import cases
 from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
                            check_cuda_graph, check_deterministic_paths, check_index_values_valid, check_invalid_rows,
                            check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
-                           run_in_order, wide_load_cases)
+                           run_in_order, block_path_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -206,9 +206,9 @@ def test_bad_arguments_name_the_argument():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)
-def test_wide_channels_last_loads(dtype):
+def test_sampling_block_paths(dtype):
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
-    for case in wide_load_cases(dtype, "cuda")[1]:
+    for case in block_path_cases(dtype, "cuda"):
         cases.assert_close_to_reference(case, "native", rtol, atol)
 
 

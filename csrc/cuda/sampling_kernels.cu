@@ -1,16 +1,21 @@
 // CUDA kernels of sparse_hypercolumn and box_hypercolumn (forward and backward).
 //
-// Forward, channels_last features (and sparse points on any layout): a block takes a tile of
-// kTilePoints points and a chunk of one layer's channels: it computes each point's four taps once
-// (shared memory), then every thread walks the tile for its channel(s). With channels_last features
-// a warp reads consecutive channels of one pixel, in 16-byte loads where the strides allow; any
-// other strides are read in place, never copied.
+// Forward, channels_last features: a block takes a tile of kTilePoints points and a chunk of one
+// layer's channels: it computes each point's four taps once (shared memory), then every thread
+// walks the tile for its channel(s). A warp reads consecutive channels of one pixel, in 16-byte
+// loads where the strides allow. Every kernel reads any strides in place, never copies.
 //
 // Forward, box grids on maps whose channels are not contiguous (NCHW, as backbones return them):
 // a thread per grid place walks a chunk of channels (sample_forward_planar_kernel). A warp's
 // neighbouring grid places tap neighbouring pixels of one channel plane and write neighbouring
 // outputs of the (R, C, oh, ow) result, where lanes over channels would each touch their own plane
 // and their own output sector.
+//
+// Forward, sparse points on such maps (sample_forward_transposed_kernel): a warp's lanes take 32
+// points of one channel plane for the loads, so that points on a small map share its few cache
+// lines (a 16 x 16 float plane is 8 lines), where lanes over channels touch 32 planes per load.
+// The samples go through a shared tile, and lanes over channels store them: the (N, C) result is
+// channel-contiguous.
 //
 // Backward scatters each sample's gradient onto its taps (scatter_to_taps in common.cuh: atomics,
 // or per-pixel sums in a fixed order under torch.use_deterministic_algorithms(True)) into float32
@@ -106,6 +111,54 @@ __global__ void __launch_bounds__(kPlanarPoints)
   }
 }
 
+// Points per block of sample_forward_transposed_kernel (a warp's lanes), channels per block, and
+// the channels whose taps a warp loads before it blends them (4 x kTransposeGroup loads in flight).
+constexpr int kTransposePoints = 32;
+constexpr int kTransposeChannels = 64;
+constexpr int kTransposeThreads = 128;
+constexpr int kTransposeGroup = 4;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTransposeThreads)
+    sample_forward_transposed_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points,
+                                     acc_t scale_y, acc_t scale_x, int64_t padding, scalar_t* out,
+                                     OutputStrides out_strides, int64_t column_offset) {
+  // One padding column: the stores read a column of the tile, 33 elements apart, on distinct banks.
+  __shared__ scalar_t tile[kTransposeChannels][kTransposePoints + 1];
+  __shared__ int64_t out_base[kTransposePoints];
+  constexpr int kWarps = kTransposeThreads / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTransposePoints;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTransposePoints), num_points - first));
+  const int64_t first_channel = static_cast<int64_t>(blockIdx.y) * kTransposeChannels;
+  const int channels = static_cast<int>(min(static_cast<int64_t>(kTransposeChannels), map.channels - first_channel));
+  // Loads: lane = point (lanes past a short tile repeat its last point and store nothing).
+  const Point<acc_t> pt = point_at(src, first + min(lane, count - 1));
+  const PointTaps<acc_t> taps = sample_taps(pt, map, scale_y, scale_x, padding);
+  if (warp == 0) out_base[lane] = output_offset(out_strides, pt);
+  for (int k0 = warp * kTransposeGroup; k0 < channels; k0 += kWarps * kTransposeGroup) {
+    Pack<scalar_t, 1> loaded[kTransposeGroup][4];
+#pragma unroll
+    for (int g = 0; g < kTransposeGroup; ++g) {
+      load_taps<1>(map, taps, first_channel + min(k0 + g, channels - 1), loaded[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < kTransposeGroup; ++g) {
+      if (k0 + g < channels) {
+        acc_t value[1];
+        blend_taps<1>(taps, loaded[g], value);
+        tile[k0 + g][lane] = static_cast<scalar_t>(value[0]);
+      }
+    }
+  }
+  __syncthreads();
+  // Stores: lane = channel, a warp per point.
+  for (int t = warp; t < count; t += kWarps) {
+    scalar_t* destination = out + out_base[t] + (column_offset + first_channel) * out_strides.column;
+    for (int k = lane; k < channels; k += 32) destination[k * out_strides.column] = tile[k][t];
+  }
+}
+
 // ----------------------------------------------------------------------------- host side
 
 int64_t total_channels(at::TensorList features) {
@@ -134,31 +187,29 @@ void sample_forward(at::TensorList features, const at::Tensor& rows, int64_t gri
     for (size_t l = 0; l < features.size(); ++l) {
       const at::Tensor& f = features[l];
       const int64_t channels = f.size(1);
-      if (channels > 0 && grid_w > 0 && f.stride(1) != 1) {
-        const int64_t chunks = ceil_div(channels, kPlanarChannels);
+      if (channels == 0) continue;
+      // Blocks of `threads` threads, each taking `block_points` points and `block_columns` of the
+      // layer's `columns` (channels, or vectors of channels).
+      const auto launch = [&](auto kernel, int64_t block_points, int64_t columns, int64_t block_columns, int threads) {
+        const int64_t chunks = ceil_div(columns, block_columns);
         check_grid_y(chunks, "features");
-        const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kPlanarPoints)), static_cast<unsigned>(chunks));
-        sample_forward_planar_kernel<scalar_t, acc_t><<<grid, kPlanarPoints, 0, stream>>>(
-            const_map_view<scalar_t>(f), src, num_points, static_cast<acc_t>(scale_y[l]),
-            static_cast<acc_t>(scale_x[l]), padding, out.data_ptr<scalar_t>(), strides, column_offset);
+        const dim3 grid(static_cast<unsigned>(ceil_div(num_points, block_points)), static_cast<unsigned>(chunks));
+        kernel<<<grid, threads, 0, stream>>>(const_map_view<scalar_t>(f), src, num_points,
+                                             static_cast<acc_t>(scale_y[l]), static_cast<acc_t>(scale_x[l]), padding,
+                                             out.data_ptr<scalar_t>(), strides, column_offset);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else if (channels > 0) {
-        const bool wide = wide_loads_allowed(f, kWide);
-        const int64_t columns = wide ? channels / kWide : channels;
-        const int threads = channel_threads(columns);
-        const int64_t chunks = ceil_div(columns, threads);
-        check_grid_y(chunks, "features");
-        const dim3 grid(static_cast<unsigned>(ceil_div(num_points, kTilePoints)), static_cast<unsigned>(chunks));
-        const auto map = const_map_view<scalar_t>(f);
-        const acc_t sy = static_cast<acc_t>(scale_y[l]), sx = static_cast<acc_t>(scale_x[l]);
-        if (wide) {
-          sample_forward_kernel<scalar_t, acc_t, kWide><<<grid, threads, 0, stream>>>(
-              map, src, num_points, sy, sx, padding, out.data_ptr<scalar_t>(), strides, column_offset);
-        } else {
-          sample_forward_kernel<scalar_t, acc_t, 1><<<grid, threads, 0, stream>>>(
-              map, src, num_points, sy, sx, padding, out.data_ptr<scalar_t>(), strides, column_offset);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (f.stride(1) != 1 && grid_w == 0) {
+        launch(sample_forward_transposed_kernel<scalar_t, acc_t>, kTransposePoints, channels, kTransposeChannels,
+               kTransposeThreads);
+      } else if (f.stride(1) != 1) {
+        launch(sample_forward_planar_kernel<scalar_t, acc_t>, kPlanarPoints, channels, kPlanarChannels, kPlanarPoints);
+      } else if (wide_loads_allowed(f, kWide)) {
+        const int threads = channel_threads(channels / kWide);
+        launch(sample_forward_kernel<scalar_t, acc_t, kWide>, kTilePoints, channels / kWide, threads, threads);
+      } else {
+        const int threads = channel_threads(channels);
+        launch(sample_forward_kernel<scalar_t, acc_t, 1>, kTilePoints, channels, threads, threads);
       }
       column_offset += channels;
     }
