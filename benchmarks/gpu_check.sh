@@ -15,7 +15,9 @@
 #                 results after every workload, so a step cut short keeps the finished ones)
 #   5. profile    benchmarks/profile_cuda.py on sds and keypoints, both fused backends and
 #                 classify_then_sample: host time per call with and without the value checks, the
-#                 time of a CUDA graph's replay, kernel time (profile.log); the profiler's tables (profiles/)
+#                 time of a CUDA graph's replay, kernel time (profile.log); the profiler's tables (profiles/);
+#                 then the forward of points-sparse and boxes (the sampling kernels on NCHW maps,
+#                 profile_sampling.log)
 #   6. host       benchmarks/host_costs.py: host time of the pieces of the sds forward without the
 #                 profiler (one aten op, each layer's cuBLAS projection, the whole call)
 #   7. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
@@ -82,12 +84,15 @@ BUDGET=475
 SANITIZER=40  # 15 s on an H200
 HOST=20
 PROFILE=60  # 19 s on an H200
-step bench_float32 $(( (BUDGET - SANITIZER - HOST - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py \
+SAMPLING=20
+step bench_float32 $(( (BUDGET - SANITIZER - HOST - SAMPLING - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py \
   --device cuda --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - HOST - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py --device cuda \
-  --dtype bfloat16 --out "$WORK/bench_bfloat16"
-step profile $(( BUDGET - SANITIZER - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py --workloads sds keypoints \
-  --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
+step bench_bfloat16 $(( BUDGET - SANITIZER - HOST - SAMPLING - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py \
+  --device cuda --dtype bfloat16 --out "$WORK/bench_bfloat16"
+step profile $(( BUDGET - SANITIZER - HOST - SAMPLING - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+  --workloads sds keypoints --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
+step profile_sampling $(( BUDGET - SANITIZER - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+  --workloads points-sparse boxes --methods fused/native fused/triton --modes forward --out "$WORK/profiles"
 step host $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/host_costs.py
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
@@ -102,6 +107,8 @@ step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.js
   tail -n 40 "$WORK/tests.log"
   echo "---- tail of profile.log"
   tail -n 24 "$WORK/profile.log"
+  echo "---- profile_sampling.log"
+  tail -n 8 "$WORK/profile_sampling.log"
   echo "---- host.log"
   tail -n 20 "$WORK/host.log"
   echo "---- tail of sanitizer.log"
