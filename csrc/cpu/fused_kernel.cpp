@@ -11,9 +11,9 @@
 //     and per grid row, score maps interpolated along y once per grid row.
 // Backward recomputes the scores where the sigmoid needs them, stores dL/ds per point and hit
 // cell, then: projected layers scatter dL/ds into gradient score maps (parallel over bands of
-// map rows) followed by two GEMMs; sampled layers scatter per channel block (parallel over
-// blocks). Every GEMM is split into fixed tiles, each one single-threaded product, so no result
-// depends on the thread count.
+// map rows; box grids a grid row at a time, through their separability) followed by two GEMMs;
+// sampled layers scatter per channel block (parallel over blocks). Every GEMM is split into fixed
+// tiles, each one single-threaded product, so no result depends on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -622,6 +622,138 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
   });
 }
 
+// Projected layers: dL/ds (`grad_scores`, per point and hit cell) into the gradient score maps
+// (B, H, W, NC * KK * M) of the `projected` layers. Bands of map rows are the work items; each
+// scans every point in order and applies the taps that fall in its rows, so each element sums in
+// one fixed order whatever the thread count.
+template <typename scalar_t, typename Source>
+void scatter_score_grads(const Classifier<scalar_t>& cls, const Source& source, const std::vector<int64_t>& projected,
+                         const acc_type<scalar_t>* grad_scores, std::vector<at::Tensor>& grad_score_maps) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t bands = at::get_num_threads();
+  const int64_t channels = cls.score_channels(), outputs = cls.shape.outputs;
+  const int64_t count = source.size(), per_row = source.points_per_row();
+  at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
+    for (int64_t band = band0; band < band1; ++band) {
+      for (int64_t p = 0; p < count; ++p) {
+        const ImagePoint<acc_t> point = source(p);
+        const PointCells<acc_t> pc = point_cells(cls, point, p / per_row);
+        if (!pc.valid) continue;
+        const acc_t* d = grad_scores + p * 4 * outputs;
+        for (int64_t l : projected) {
+          const FeatureMap<scalar_t>& map = cls.maps[l];
+          const int64_t y_begin = map.height * band / bands;
+          const int64_t y_end = map.height * (band + 1) / bands;
+          const BilinearTaps<acc_t> t =
+              bilinear_taps<acc_t>(point.x, point.y, acc_t(map.scale_y), acc_t(map.scale_x),
+                                   map.height, map.width, cls.padding);
+          const int64_t ys[4] = {t.y0, t.y0, t.y1, t.y1};
+          const int64_t xs[4] = {t.x0, t.x1, t.x0, t.x1};
+          const acc_t ws[4] = {t.w00, t.w01, t.w10, t.w11};
+          acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>();
+          for (int k = 0; k < 4; ++k) {
+            if (ys[k] < y_begin || ys[k] >= y_end) continue;
+            acc_t* pixel = map_data + ((pc.b * map.height + ys[k]) * map.width + xs[k]) * channels;
+            for (int64_t u = 0; u < pc.count; ++u) {
+              acc_t* to = pixel + cls.score_row(pc.label, pc.cell[u]);
+              for (int64_t m = 0; m < outputs; ++m) to[m] += ws[k] * d[u * outputs + m];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// The same on a box grid, through its separability (as box_fused_forward): per box, layer and
+// grid row, the row's dL/ds is first summed along x into the distinct map columns the grid reads
+// (`line`, the label's score channels of the row's cells), then added into the row's two map
+// rows, weighted along y. A point costs two multiply-adds per hit cell and output instead of
+// its taps and eight. Bands of map rows are the work items; each takes the boxes and grid rows
+// in order, so each element sums in one fixed order whatever the thread count.
+template <typename scalar_t>
+void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type<scalar_t>>& source,
+                         const std::vector<int64_t>& projected, const acc_type<scalar_t>* grad_scores,
+                         std::vector<at::Tensor>& grad_score_maps) {
+  using acc_t = acc_type<scalar_t>;
+  const ClassifierShape& shape = cls.shape;
+  const int64_t bands = at::get_num_threads();
+  const int64_t oh = source.output_height, ow = source.output_width;
+  const int64_t channels = cls.score_channels(), outputs = shape.outputs;
+  at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
+    std::vector<acc_t> xs, ys, us, vs;
+    std::vector<PointCells<acc_t>> cells;  // per grid place; u and v do not depend on the box
+    BoxAxis<acc_t> along_x, along_y;
+    std::vector<int64_t> columns, slot0, slot1;
+    std::vector<acc_t> line;
+    for (int64_t band = band0; band < band1; ++band) {
+      for (int64_t r = 0; r < source.rows(); ++r) {
+        int64_t b = 0, label = 0;
+        bool box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
+        if (cls.labels != nullptr) {
+          label = cls.labels[r * cls.label_stride];
+          box_valid = box_valid && label >= 0 && label < shape.classes;
+        }
+        if (!box_valid) continue;  // its points have no gradient
+        source.axes(r, &xs, &ys, &us, &vs);
+        if (cells.empty()) {
+          cells.resize(oh * ow);
+          for (int64_t i = 0; i < oh; ++i)
+            for (int64_t j = 0; j < ow; ++j)
+              hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &cells[i * ow + j]);
+        }
+        for (int64_t l : projected) {
+          const FeatureMap<scalar_t>& map = cls.maps[l];
+          const int64_t y_begin = map.height * band / bands;
+          const int64_t y_end = map.height * (band + 1) / bands;
+          along_x.set(xs, map.scale_x, map.width, cls.padding);
+          along_y.set(ys, map.scale_y, map.height, cls.padding);
+          distinct_indices(along_x, map.width, &columns, &slot0, &slot1);
+          acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>();
+          for (int64_t i = 0; i < oh; ++i) {
+            const int64_t y[2] = {along_y.index0[i], along_y.index1[i]};
+            const acc_t wy[2] = {along_y.weight0[i], along_y.weight1[i]};
+            const bool in_band[2] = {y[0] >= y_begin && y[0] < y_end, y[1] >= y_begin && y[1] < y_end};
+            if (!std::isfinite(ys[i]) || !(in_band[0] || in_band[1])) continue;
+            // The row's cells: one contiguous run of score channels (see box_fused_forward).
+            const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
+            const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
+            const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
+            const int64_t width = (end_cell - first_cell) * outputs;
+            line.assign(columns.size() * width, acc_t(0));
+            for (int64_t j = 0; j < ow; ++j) {
+              if (!std::isfinite(xs[j])) continue;  // an invalid point: no gradient
+              const PointCells<acc_t>& pc = cells[i * ow + j];
+              const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
+              const acc_t wx0 = along_x.weight0[j], wx1 = along_x.weight1[j];
+              acc_t* left = line.data() + slot0[j] * width - first_cell * outputs;
+              acc_t* right = line.data() + slot1[j] * width - first_cell * outputs;
+              for (int64_t u = 0; u < pc.count; ++u) {
+                const int64_t k0 = pc.cell[u] * outputs;
+                for (int64_t m = 0; m < outputs; ++m) {
+                  left[k0 + m] += wx0 * d[u * outputs + m];
+                  right[k0 + m] += wx1 * d[u * outputs + m];
+                }
+              }
+            }
+            const int64_t q0 = cls.score_row(label, first_cell);
+            for (int t = 0; t < 2; ++t) {
+              if (!in_band[t]) continue;
+              acc_t* map_row = map_data + (b * map.height + y[t]) * map.width * channels + q0;
+              for (size_t s = 0; s < columns.size(); ++s) {
+                acc_t* to = map_row + columns[s] * channels;
+                const acc_t* from = line.data() + s * width;
+#pragma omp simd
+                for (int64_t k = 0; k < width; ++k) to[k] += wy[t] * from[k];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 // Gradients of the features, the weights and the per-row bias from `grad` (read at `layout`).
 template <typename scalar_t, typename Source>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_backward(
@@ -693,8 +825,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     }
   }
 
-  // Projected layers: scatter dL/ds into gradient score maps. Bands of map rows are the work
-  // items; each scans every point in order and applies the taps that fall in its rows.
+  // Projected layers: dL/ds into gradient score maps, then two GEMMs each.
   std::vector<int64_t> projected, sampled;
   for (size_t l = 0; l < features.size(); ++l)
     (cls.orders[l] == kOrderProjectScores ? projected : sampled).push_back(static_cast<int64_t>(l));
@@ -704,40 +835,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     grad_score_maps[l] = at::zeros({map.batch, map.height, map.width, cls.score_channels()},
                                    features[0].options().dtype(acc));
   }
-  if (!projected.empty()) {
-    const int64_t bands = at::get_num_threads();
-    const int64_t channels = cls.score_channels();
-    at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
-      for (int64_t band = band0; band < band1; ++band) {
-        for (int64_t p = 0; p < count; ++p) {
-          ImagePoint<acc_t> point;
-          const PointCells<acc_t> pc = point_cells_at(p, &point);
-          if (!pc.valid) continue;
-          const acc_t* d = grad_scores.data() + p * 4 * outputs;
-          for (int64_t l : projected) {
-            const FeatureMap<scalar_t>& map = cls.maps[l];
-            const int64_t y_begin = map.height * band / bands;
-            const int64_t y_end = map.height * (band + 1) / bands;
-            const BilinearTaps<acc_t> t =
-                bilinear_taps<acc_t>(point.x, point.y, acc_t(map.scale_y), acc_t(map.scale_x),
-                                     map.height, map.width, cls.padding);
-            const int64_t ys[4] = {t.y0, t.y0, t.y1, t.y1};
-            const int64_t xs[4] = {t.x0, t.x1, t.x0, t.x1};
-            const acc_t ws[4] = {t.w00, t.w01, t.w10, t.w11};
-            acc_t* map_data = grad_score_maps[l].data_ptr<acc_t>();
-            for (int k = 0; k < 4; ++k) {
-              if (ys[k] < y_begin || ys[k] >= y_end) continue;
-              acc_t* pixel = map_data + ((pc.b * map.height + ys[k]) * map.width + xs[k]) * channels;
-              for (int64_t u = 0; u < pc.count; ++u) {
-                acc_t* to = pixel + cls.score_row(pc.label, pc.cell[u]);
-                for (int64_t m = 0; m < outputs; ++m) to[m] += ws[k] * d[u * outputs + m];
-              }
-            }
-          }
-        }
-      }
-    });
-  }
+  if (!projected.empty()) scatter_score_grads(cls, source, projected, grad_scores.data(), grad_score_maps);
   for (int64_t l : projected) {
     project_grad_features(grad_score_maps[l], cls.weight_rows[l], grad_features[l]);
     project_grad_weights(grad_score_maps[l], features[l], grad_weight_rows[l]);
