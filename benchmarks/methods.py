@@ -117,8 +117,9 @@ def _synchronize(device: torch.device) -> None:
 
 def time_calls(call: Callable[[], Tensor], device: torch.device, min_reps: int, min_seconds: float,
                max_reps: int) -> Dict:
-    """Median wall time of ``call`` after one warm-up call (two on CUDA: the first may compile or
-    autotune): at least ``min_reps`` repetitions and ``min_seconds`` in all, at most ``max_reps``.
+    """Median wall time of ``call`` after two warm-up calls (the first may compile or autotune on
+    CUDA; on the CPU the first calls fault in freshly mapped output and gradient buffers): at least
+    ``min_reps`` repetitions and ``min_seconds`` in all, at most ``max_reps``.
     On CUDA each repetition is timed with events between synchronisations, and the host time until
     the call returns is kept beside it (where the two are close, the call waits on the host).
 
@@ -126,7 +127,7 @@ def time_calls(call: Callable[[], Tensor], device: torch.device, min_reps: int, 
     ``host_times_ms`` empty off CUDA, where ``times_ms`` are host times).
     """
     output = None
-    for _ in range(2 if device.type == "cuda" else 1):
+    for _ in range(2):
         output = call()
     _synchronize(device)
     times, host_times = [], []
