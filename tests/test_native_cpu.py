@@ -66,6 +66,28 @@ def forward_and_grads(function, args, inputs, probe):
 @pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("case", fused_cases(torch.float64, "cpu", requires_grad=True), ids=repr)
 def test_fused_orders_match_reference_float64(case, order):
+    assert_order_matches_reference(case, order)
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_tall_box_grids_match_reference_float64(order):
+    # 23 grid rows: more than one block of the box-grid kernels (kBoxRows = 10 in
+    # csrc/cpu/fused_kernel.cpp) and no multiple of it, so the separable forward and score-map
+    # gradients take three blocks, the last one partial; the shared cases' grids have 6 rows.
+    g = torch.Generator().manual_seed(23)
+    f = features(torch.float64, "cpu", "contiguous", g, True)
+    w = classifier(3, 2, 3, torch.float64, "cpu", g, True)
+    b = boxes(6, torch.float32, "cpu", g)
+    labels = torch.randint(0, 3, (b.shape[0],), generator=g)
+    bias = torch.randn(3, 9, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    case = Case("fused_hypercolumn", (f, b, w, bias),
+                dict(output_size=(23, 7), image_size=IMAGE, labels=labels, padding="zeros"), "tall")
+    assert_order_matches_reference(case, order)
+
+
+def assert_order_matches_reference(case, order):
+    """A fused case with every layer in ``order`` (a key of ORDERS): native against the reference
+    in float64, output and gradients."""
     def args():  # afresh per call: the normalised bias is a differentiable view of the case's
         normalised = normalised_args(case)
         normalised[-1] = ORDERS[order](len(normalised[0]))

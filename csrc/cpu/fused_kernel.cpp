@@ -669,8 +669,10 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const Source& source, 
 // grid row, the row's dL/ds is first summed along x into the distinct map columns the grid reads
 // (`line`, the label's score channels of the row's cells), then added into the row's two map
 // rows, weighted along y. A point costs two multiply-adds per hit cell and output instead of
-// its taps and eight. Bands of map rows are the work items; each takes the boxes and grid rows
-// in order, so each element sums in one fixed order whatever the thread count.
+// its taps and eight. Bands of map rows are the work items; each takes the blocks of kBoxRows
+// grid rows, in each the boxes, and in each box the block's rows, in order, so each element sums
+// in one fixed order whatever the thread count. A block's hit cells (the same for every box) are
+// found once per block and band.
 template <typename scalar_t>
 void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type<scalar_t>>& source,
                          const std::vector<int64_t>& projected, const acc_type<scalar_t>* grad_scores,
@@ -682,69 +684,73 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
   const int64_t channels = cls.score_channels(), outputs = shape.outputs;
   at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
     std::vector<acc_t> xs, ys, us, vs;
-    std::vector<PointCells<acc_t>> cells;  // per grid place; u and v do not depend on the box
+    std::vector<PointCells<acc_t>> cells(kBoxRows * ow);  // the block's grid places
     BoxAxis<acc_t> along_x, along_y;
     std::vector<int64_t> columns, slot0, slot1;
     std::vector<acc_t> line;
     for (int64_t band = band0; band < band1; ++band) {
-      for (int64_t r = 0; r < source.rows(); ++r) {
-        int64_t b = 0, label = 0;
-        bool box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
-        if (cls.labels != nullptr) {
-          label = cls.labels[r * cls.label_stride];
-          box_valid = box_valid && label >= 0 && label < shape.classes;
-        }
-        if (!box_valid) continue;  // its points have no gradient
-        source.axes(r, &xs, &ys, &us, &vs);
-        if (cells.empty()) {
-          cells.resize(oh * ow);
-          for (int64_t i = 0; i < oh; ++i)
-            for (int64_t j = 0; j < ow; ++j)
-              hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &cells[i * ow + j]);
-        }
-        for (int64_t l : projected) {
-          const FeatureMap<scalar_t>& map = cls.maps[l];
-          const int64_t y_begin = map.height * band / bands;
-          const int64_t y_end = map.height * (band + 1) / bands;
-          along_x.set(xs, map.scale_x, map.width, cls.padding);
-          along_y.set(ys, map.scale_y, map.height, cls.padding);
-          distinct_indices(along_x, map.width, &columns, &slot0, &slot1);
-          acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>();
-          for (int64_t i = 0; i < oh; ++i) {
-            const int64_t y[2] = {along_y.index0[i], along_y.index1[i]};
-            const acc_t wy[2] = {along_y.weight0[i], along_y.weight1[i]};
-            const bool in_band[2] = {y[0] >= y_begin && y[0] < y_end, y[1] >= y_begin && y[1] < y_end};
-            if (!std::isfinite(ys[i]) || !(in_band[0] || in_band[1])) continue;
-            // The row's cells: one contiguous run of score channels (see box_fused_forward).
-            const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
-            const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
-            const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
-            const int64_t width = (end_cell - first_cell) * outputs;
-            line.assign(columns.size() * width, acc_t(0));
-            for (int64_t j = 0; j < ow; ++j) {
-              if (!std::isfinite(xs[j])) continue;  // an invalid point: no gradient
-              const PointCells<acc_t>& pc = cells[i * ow + j];
-              const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
-              const acc_t wx0 = along_x.weight0[j], wx1 = along_x.weight1[j];
-              acc_t* left = line.data() + slot0[j] * width - first_cell * outputs;
-              acc_t* right = line.data() + slot1[j] * width - first_cell * outputs;
-              for (int64_t u = 0; u < pc.count; ++u) {
-                const int64_t k0 = pc.cell[u] * outputs;
-                for (int64_t m = 0; m < outputs; ++m) {
-                  left[k0 + m] += wx0 * d[u * outputs + m];
-                  right[k0 + m] += wx1 * d[u * outputs + m];
+      for (int64_t i0 = 0; i0 < oh; i0 += kBoxRows) {
+        const int64_t i1 = std::min(i0 + kBoxRows, oh);
+        bool block_cells = false;
+        for (int64_t r = 0; r < source.rows(); ++r) {
+          int64_t b = 0, label = 0;
+          bool box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
+          if (cls.labels != nullptr) {
+            label = cls.labels[r * cls.label_stride];
+            box_valid = box_valid && label >= 0 && label < shape.classes;
+          }
+          if (!box_valid) continue;  // its points have no gradient
+          source.axes(r, &xs, &ys, &us, &vs);
+          if (!block_cells) {  // u and v do not depend on the box
+            block_cells = true;
+            for (int64_t i = i0; i < i1; ++i)
+              for (int64_t j = 0; j < ow; ++j)
+                hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &cells[(i - i0) * ow + j]);
+          }
+          for (int64_t l : projected) {
+            const FeatureMap<scalar_t>& map = cls.maps[l];
+            const int64_t y_begin = map.height * band / bands;
+            const int64_t y_end = map.height * (band + 1) / bands;
+            along_x.set(xs, map.scale_x, map.width, cls.padding);
+            along_y.set(ys, map.scale_y, map.height, cls.padding);
+            distinct_indices(along_x, map.width, &columns, &slot0, &slot1);
+            acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>();
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t y[2] = {along_y.index0[i], along_y.index1[i]};
+              const acc_t wy[2] = {along_y.weight0[i], along_y.weight1[i]};
+              const bool in_band[2] = {y[0] >= y_begin && y[0] < y_end, y[1] >= y_begin && y[1] < y_end};
+              if (!std::isfinite(ys[i]) || !(in_band[0] || in_band[1])) continue;
+              // The row's cells: one contiguous run of score channels (see box_fused_forward).
+              const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
+              const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
+              const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
+              const int64_t width = (end_cell - first_cell) * outputs;
+              line.assign(columns.size() * width, acc_t(0));
+              for (int64_t j = 0; j < ow; ++j) {
+                if (!std::isfinite(xs[j])) continue;  // an invalid point: no gradient
+                const PointCells<acc_t>& pc = cells[(i - i0) * ow + j];
+                const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
+                const acc_t wx0 = along_x.weight0[j], wx1 = along_x.weight1[j];
+                acc_t* left = line.data() + slot0[j] * width - first_cell * outputs;
+                acc_t* right = line.data() + slot1[j] * width - first_cell * outputs;
+                for (int64_t u = 0; u < pc.count; ++u) {
+                  const int64_t k0 = pc.cell[u] * outputs;
+                  for (int64_t m = 0; m < outputs; ++m) {
+                    left[k0 + m] += wx0 * d[u * outputs + m];
+                    right[k0 + m] += wx1 * d[u * outputs + m];
+                  }
                 }
               }
-            }
-            const int64_t q0 = cls.score_row(label, first_cell);
-            for (int t = 0; t < 2; ++t) {
-              if (!in_band[t]) continue;
-              acc_t* map_row = map_data + (b * map.height + y[t]) * map.width * channels + q0;
-              for (size_t s = 0; s < columns.size(); ++s) {
-                acc_t* to = map_row + columns[s] * channels;
-                const acc_t* from = line.data() + s * width;
+              const int64_t q0 = cls.score_row(label, first_cell);
+              for (int t = 0; t < 2; ++t) {
+                if (!in_band[t]) continue;
+                acc_t* map_row = map_data + (b * map.height + y[t]) * map.width * channels + q0;
+                for (size_t s = 0; s < columns.size(); ++s) {
+                  acc_t* to = map_row + columns[s] * channels;
+                  const acc_t* from = line.data() + s * width;
 #pragma omp simd
-                for (int64_t k = 0; k < width; ++k) to[k] += wy[t] * from[k];
+                  for (int64_t k = 0; k < width; ++k) to[k] += wy[t] * from[k];
+                }
               }
             }
           }
