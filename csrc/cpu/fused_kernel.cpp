@@ -482,10 +482,45 @@ template <typename acc_t>
 struct BoxLayerTaps {
   BoxAxis<acc_t> along_x, along_y;
   std::vector<int64_t> columns, slot0, slot1;
-  // Per grid row: the label's score channels of the row's cells, interpolated along y at every
-  // distinct column, (columns, channels of the row's cells).
+  // Per grid row: the label's score channels of the row's cells at every distinct column,
+  // (columns, channels of the row's cells): score maps interpolated along y (forward), or
+  // score gradients summed along x (backward).
   std::vector<acc_t> line;
+
+  // The taps of a box's grid columns xs and grid rows ys on `map`.
+  template <typename scalar_t>
+  void set(const FeatureMap<scalar_t>& map, const std::vector<acc_t>& xs, const std::vector<acc_t>& ys,
+           int64_t padding) {
+    along_x.set(xs, map.scale_x, map.width, padding);
+    along_y.set(ys, map.scale_y, map.height, padding);
+    distinct_indices(along_x, map.width, &columns, &slot0, &slot1);
+  }
 };
+
+// Box r's image (*b) and label (*label, 0 without labels); false where its batch index or label
+// is out of range: its points get NaN outputs and no gradient.
+template <typename scalar_t, typename acc_t>
+bool box_row(const Classifier<scalar_t>& cls, const BoxGrid<acc_t>& source, int64_t r, int64_t* b, int64_t* label) {
+  *label = 0;
+  bool valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, b);
+  if (cls.labels != nullptr) {
+    *label = cls.labels[r * cls.label_stride];
+    valid = valid && *label >= 0 && *label < cls.shape.classes;
+  }
+  return valid;
+}
+
+// The cells a grid row at relative height v can hit: those of its one or two rows of the K x K
+// grid, one contiguous run [first, end) of cells (and so of score channels).
+struct CellRun {
+  int64_t first, end;
+};
+
+template <typename acc_t>
+CellRun row_cells(acc_t v, int64_t grid) {
+  const LocationWeights<acc_t> w = location_weights<acc_t>(acc_t(0.5), v, grid);
+  return {std::min(w.cell[0], w.cell[2]) / grid * grid, (std::max(w.cell[0], w.cell[2]) / grid + 1) * grid};
+}
 
 // fused_forward on box grids where every layer is projected, into (R, M, oh, ow) at `layout`.
 // A box's grid is separable (a grid column has one x and u, a grid row one y and v): per box,
@@ -524,19 +559,9 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
       const int64_t i0 = block * kBoxRows, i1 = std::min(i0 + kBoxRows, oh);
       if (r != taps_box) {
         taps_box = r;
-        box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
-        if (cls.labels != nullptr) {
-          label = cls.labels[r * cls.label_stride];
-          box_valid = box_valid && label >= 0 && label < shape.classes;
-        }
+        box_valid = box_row(cls, source, r, &b, &label);
         source.axes(r, &xs, &ys, &us, &vs);
-        for (size_t l = 0; l < layers; ++l) {
-          const FeatureMap<scalar_t>& map = cls.maps[l];
-          BoxLayerTaps<acc_t>& t = taps[l];
-          t.along_x.set(xs, map.scale_x, map.width, cls.padding);
-          t.along_y.set(ys, map.scale_y, map.height, cls.padding);
-          distinct_indices(t.along_x, map.width, &t.columns, &t.slot0, &t.slot1);
-        }
+        for (size_t l = 0; l < layers; ++l) taps[l].set(cls.maps[l], xs, ys, cls.padding);
       }
       if (block != cells_block) {  // u and v do not depend on the box
         cells_block = block;
@@ -553,13 +578,10 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
               row_out[j * layout.j_stride + m * layout.channel_stride] = scalar_t(quiet_nan<acc_t>());
           continue;
         }
-        // The row's cells are those of its (one or two) rows of the K x K grid: one contiguous
-        // run of score channels, from the first cell of the row's upper K-grid row.
-        const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
-        const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
-        const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
+        const CellRun run = row_cells(vs[i], shape.grid);
+        const int64_t first_cell = run.first;
         const int64_t q0 = cls.score_row(label, first_cell);
-        const int64_t width = (end_cell - first_cell) * outputs;
+        const int64_t width = (run.end - first_cell) * outputs;
         for (size_t l = 0; l < layers; ++l) {
           const FeatureMap<scalar_t>& map = cls.maps[l];
           BoxLayerTaps<acc_t>& t = taps[l];
@@ -685,21 +707,53 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
   at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
     std::vector<acc_t> xs, ys, us, vs;
     std::vector<PointCells<acc_t>> cells(kBoxRows * ow);  // the block's grid places
-    BoxAxis<acc_t> along_x, along_y;
-    std::vector<int64_t> columns, slot0, slot1;
-    std::vector<acc_t> line;
+    BoxLayerTaps<acc_t> t;
+    // Grid row i of box r (image b, label) on layer l, whose taps `t` holds, into the map rows of
+    // [y_begin, y_end); the block of rows starts at i0.
+    const auto add_row = [&](int64_t l, int64_t r, int64_t b, int64_t label, int64_t i, int64_t i0,
+                             int64_t y_begin, int64_t y_end) {
+      const FeatureMap<scalar_t>& map = cls.maps[l];
+      const int64_t y[2] = {t.along_y.index0[i], t.along_y.index1[i]};
+      const acc_t wy[2] = {t.along_y.weight0[i], t.along_y.weight1[i]};
+      const bool in_band[2] = {y[0] >= y_begin && y[0] < y_end, y[1] >= y_begin && y[1] < y_end};
+      if (!std::isfinite(ys[i]) || !(in_band[0] || in_band[1])) return;
+      const CellRun run = row_cells(vs[i], shape.grid);
+      const int64_t width = (run.end - run.first) * outputs;
+      t.line.assign(t.columns.size() * width, acc_t(0));
+      for (int64_t j = 0; j < ow; ++j) {
+        if (!std::isfinite(xs[j])) continue;  // an invalid point: no gradient
+        const PointCells<acc_t>& pc = cells[(i - i0) * ow + j];
+        const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
+        const acc_t wx0 = t.along_x.weight0[j], wx1 = t.along_x.weight1[j];
+        acc_t* left = t.line.data() + t.slot0[j] * width - run.first * outputs;
+        acc_t* right = t.line.data() + t.slot1[j] * width - run.first * outputs;
+        for (int64_t u = 0; u < pc.count; ++u) {
+          const int64_t k0 = pc.cell[u] * outputs;
+          for (int64_t m = 0; m < outputs; ++m) {
+            left[k0 + m] += wx0 * d[u * outputs + m];
+            right[k0 + m] += wx1 * d[u * outputs + m];
+          }
+        }
+      }
+      acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>() + cls.score_row(label, run.first);
+      for (int k = 0; k < 2; ++k) {
+        if (!in_band[k]) continue;
+        acc_t* map_row = map_data + (b * map.height + y[k]) * map.width * channels;
+        for (size_t s = 0; s < t.columns.size(); ++s) {
+          acc_t* to = map_row + t.columns[s] * channels;
+          const acc_t* from = t.line.data() + s * width;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) to[c] += wy[k] * from[c];
+        }
+      }
+    };
     for (int64_t band = band0; band < band1; ++band) {
       for (int64_t i0 = 0; i0 < oh; i0 += kBoxRows) {
         const int64_t i1 = std::min(i0 + kBoxRows, oh);
         bool block_cells = false;
         for (int64_t r = 0; r < source.rows(); ++r) {
           int64_t b = 0, label = 0;
-          bool box_valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, &b);
-          if (cls.labels != nullptr) {
-            label = cls.labels[r * cls.label_stride];
-            box_valid = box_valid && label >= 0 && label < shape.classes;
-          }
-          if (!box_valid) continue;  // its points have no gradient
+          if (!box_row(cls, source, r, &b, &label)) continue;  // its points have no gradient
           source.axes(r, &xs, &ys, &us, &vs);
           if (!block_cells) {  // u and v do not depend on the box
             block_cells = true;
@@ -708,51 +762,10 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
                 hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &cells[(i - i0) * ow + j]);
           }
           for (int64_t l : projected) {
-            const FeatureMap<scalar_t>& map = cls.maps[l];
-            const int64_t y_begin = map.height * band / bands;
-            const int64_t y_end = map.height * (band + 1) / bands;
-            along_x.set(xs, map.scale_x, map.width, cls.padding);
-            along_y.set(ys, map.scale_y, map.height, cls.padding);
-            distinct_indices(along_x, map.width, &columns, &slot0, &slot1);
-            acc_t* map_data = grad_score_maps[l].template data_ptr<acc_t>();
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t y[2] = {along_y.index0[i], along_y.index1[i]};
-              const acc_t wy[2] = {along_y.weight0[i], along_y.weight1[i]};
-              const bool in_band[2] = {y[0] >= y_begin && y[0] < y_end, y[1] >= y_begin && y[1] < y_end};
-              if (!std::isfinite(ys[i]) || !(in_band[0] || in_band[1])) continue;
-              // The row's cells: one contiguous run of score channels (see box_fused_forward).
-              const LocationWeights<acc_t> row_cells = location_weights<acc_t>(acc_t(0.5), vs[i], shape.grid);
-              const int64_t first_cell = std::min(row_cells.cell[0], row_cells.cell[2]) / shape.grid * shape.grid;
-              const int64_t end_cell = (std::max(row_cells.cell[0], row_cells.cell[2]) / shape.grid + 1) * shape.grid;
-              const int64_t width = (end_cell - first_cell) * outputs;
-              line.assign(columns.size() * width, acc_t(0));
-              for (int64_t j = 0; j < ow; ++j) {
-                if (!std::isfinite(xs[j])) continue;  // an invalid point: no gradient
-                const PointCells<acc_t>& pc = cells[(i - i0) * ow + j];
-                const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
-                const acc_t wx0 = along_x.weight0[j], wx1 = along_x.weight1[j];
-                acc_t* left = line.data() + slot0[j] * width - first_cell * outputs;
-                acc_t* right = line.data() + slot1[j] * width - first_cell * outputs;
-                for (int64_t u = 0; u < pc.count; ++u) {
-                  const int64_t k0 = pc.cell[u] * outputs;
-                  for (int64_t m = 0; m < outputs; ++m) {
-                    left[k0 + m] += wx0 * d[u * outputs + m];
-                    right[k0 + m] += wx1 * d[u * outputs + m];
-                  }
-                }
-              }
-              const int64_t q0 = cls.score_row(label, first_cell);
-              for (int t = 0; t < 2; ++t) {
-                if (!in_band[t]) continue;
-                acc_t* map_row = map_data + (b * map.height + y[t]) * map.width * channels + q0;
-                for (size_t s = 0; s < columns.size(); ++s) {
-                  acc_t* to = map_row + columns[s] * channels;
-                  const acc_t* from = line.data() + s * width;
-#pragma omp simd
-                  for (int64_t k = 0; k < width; ++k) to[k] += wy[t] * from[k];
-                }
-              }
-            }
+            const int64_t height = cls.maps[l].height;
+            t.set(cls.maps[l], xs, ys, cls.padding);
+            for (int64_t i = i0; i < i1; ++i)
+              add_row(l, r, b, label, i, i0, height * band / bands, height * (band + 1) / bands);
           }
         }
       }

@@ -1025,6 +1025,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
   const int64_t batch = first.size(0);
   const auto acc_type = coordinate_type(first.scalar_type());
   std::vector<at::Tensor> grad_features(features.size()), grad_weights(features.size());
+  // Layer l's weight gradient from a product's result in the weights' dtype: a view where the
+  // weights are contiguous, else a copy with their strides.
+  const auto product_weight_grad = [&](size_t l, const at::Tensor& grad) {
+    const at::Tensor shaped = grad.view(weights[l].sizes());
+    return weights[l].is_contiguous() ? shaped : at::empty_like(weights[l]).copy_(shaped);
+  };
   at::Tensor grad_bias;
   if (a.num_points == 0 || batch == 0) {
     for (size_t l = 0; l < features.size(); ++l) {
@@ -1091,9 +1097,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
         const at::Tensor pixels = pixel_matrix(f);
         if (small_projection(pixels, score_rows)) {
-          const at::Tensor grad_weight = project_grads_in_kernels(score_grad, pixels, weight_matrix, grad_pixels);
-          grad_weights[l] = weights[l].is_contiguous() ? grad_weight.view(weights[l].sizes())
-                                                       : at::empty_like(weights[l]).copy_(grad_weight.view(weights[l].sizes()));
+          grad_weights[l] =
+              product_weight_grad(l, project_grads_in_kernels(score_grad, pixels, weight_matrix, grad_pixels));
           continue;
         }
         const at::Tensor score_grad_typed = score_grad.to(f.scalar_type());
@@ -1103,8 +1108,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
           // One 2-D product each; the weight gradient's sums over images happen inside cuBLAS.
           const at::Tensor rows_grad = score_grad_typed.view({-1, score_rows});
           at::mm_out(stacked_grad, rows_grad, weight_matrix);
-          const at::Tensor grad_weight = at::mm(rows_grad.t(), stacked).view(weights[l].sizes());
-          grad_weights[l] = weights[l].is_contiguous() ? grad_weight : at::empty_like(weights[l]).copy_(grad_weight);
+          grad_weights[l] = product_weight_grad(l, at::mm(rows_grad.t(), stacked));
           continue;
         }
         at::bmm_out(grad_pixels, score_grad_typed, weight_matrix.unsqueeze(0).expand({batch, -1, -1}));

@@ -38,6 +38,24 @@ __device__ __forceinline__ PointTaps<acc_t> sample_taps(const Point<acc_t>& pt, 
   return point;
 }
 
+// Channels c0 .. c0 + kGroup - 1 below `end` of one point, from a thread: every tap load first
+// (4 x kGroup in flight; a short group repeats its last channel), then store(c, sample) each.
+template <int kGroup, typename scalar_t, typename acc_t, typename Store>
+__device__ __forceinline__ void sample_channel_group(const MapView<const scalar_t*>& map, const PointTaps<acc_t>& taps,
+                                                     int64_t c0, int64_t end, Store store) {
+  Pack<scalar_t, 1> loaded[kGroup][4];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) load_taps<1>(map, taps, min(c0 + g, end - 1), loaded[g]);
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (c0 + g < end) {
+      acc_t value[1];
+      blend_taps<1>(taps, loaded[g], value);
+      store(c0 + g, value[0]);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kChannelThreads)
     sample_forward_kernel(MapView<const scalar_t*> map, PointSource<acc_t> src, int64_t num_points, acc_t scale_y,
@@ -78,8 +96,7 @@ __global__ void __launch_bounds__(kChannelThreads)
 }
 
 // Grid places per block of sample_forward_planar_kernel (a thread each), channels per block, and
-// channels whose taps a thread loads before it blends and stores them (4 x kPlanarGroup loads in
-// flight).
+// channels per sample_channel_group.
 constexpr int kPlanarPoints = 128;
 constexpr int kPlanarChannels = 16;
 constexpr int kPlanarGroup = 4;
@@ -97,22 +114,14 @@ __global__ void __launch_bounds__(kPlanarPoints)
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kPlanarChannels;
   const int64_t end = min(first + kPlanarChannels, map.channels);
   for (int64_t c0 = first; c0 < end; c0 += kPlanarGroup) {
-    Pack<scalar_t, 1> loaded[kPlanarGroup][4];
-#pragma unroll
-    for (int g = 0; g < kPlanarGroup; ++g) load_taps<1>(map, taps, min(c0 + g, end - 1), loaded[g]);
-#pragma unroll
-    for (int g = 0; g < kPlanarGroup; ++g) {
-      if (c0 + g < end) {
-        acc_t value[1];
-        blend_taps<1>(taps, loaded[g], value);
-        destination[(c0 + g) * out_strides.column] = static_cast<scalar_t>(value[0]);
-      }
-    }
+    sample_channel_group<kPlanarGroup>(map, taps, c0, end, [&](int64_t c, acc_t value) {
+      destination[c * out_strides.column] = static_cast<scalar_t>(value);
+    });
   }
 }
 
-// Points per block of sample_forward_transposed_kernel (a warp's lanes), channels per block, and
-// the channels whose taps a warp loads before it blends them (4 x kTransposeGroup loads in flight).
+// Points per block of sample_forward_transposed_kernel (a warp's lanes), channels per block,
+// threads, and channels per sample_channel_group.
 constexpr int kTransposePoints = 32;
 constexpr int kTransposeChannels = 64;
 constexpr int kTransposeThreads = 128;
@@ -137,19 +146,10 @@ __global__ void __launch_bounds__(kTransposeThreads)
   const PointTaps<acc_t> taps = sample_taps(pt, map, scale_y, scale_x, padding);
   if (warp == 0) out_base[lane] = output_offset(out_strides, pt);
   for (int k0 = warp * kTransposeGroup; k0 < channels; k0 += kWarps * kTransposeGroup) {
-    Pack<scalar_t, 1> loaded[kTransposeGroup][4];
-#pragma unroll
-    for (int g = 0; g < kTransposeGroup; ++g) {
-      load_taps<1>(map, taps, first_channel + min(k0 + g, channels - 1), loaded[g]);
-    }
-#pragma unroll
-    for (int g = 0; g < kTransposeGroup; ++g) {
-      if (k0 + g < channels) {
-        acc_t value[1];
-        blend_taps<1>(taps, loaded[g], value);
-        tile[k0 + g][lane] = static_cast<scalar_t>(value[0]);
-      }
-    }
+    sample_channel_group<kTransposeGroup>(map, taps, first_channel + k0, first_channel + channels,
+                                          [&](int64_t c, acc_t value) {
+                                            tile[c - first_channel][lane] = static_cast<scalar_t>(value);
+                                          });
   }
   __syncthreads();
   // Stores: lane = channel, a warp per point.
