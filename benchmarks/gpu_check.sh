@@ -8,7 +8,8 @@
 # (OUT defaults to ./gpu_check_out). Steps:
 #   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
 #   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   3. tests      tests/test_native_cuda.py and tests/test_triton.py on the GPU, in 8 processes where
+#   3. tests      tests/test_native_cuda.py, tests/test_triton.py and tests/test_autocast.py on the GPU
+#                 (float16 autocast on CUDA; the last file's CPU cases run too), in 8 processes where
 #                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time);
 #                 tests.xml has every test's result
 #   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
@@ -77,7 +78,7 @@ step versions 15 bash -c "$(declare -f versions); versions"
 step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 export TRITON_INTERPRET=0  # tests/conftest.py would switch the interpreter on without /dev/nvidiactl
 PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py $PARALLEL -q -ra --durations=10 \
+step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py tests/test_autocast.py $PARALLEL -q -ra --durations=10 \
   --junitxml="$WORK/tests.xml" \
   -p no:cacheprovider
 BUDGET=475

@@ -140,8 +140,9 @@ class NaiveHypercolumnHead(_HypercolumnClassifier):
         out = image.new_zeros(x.shape[0], image.shape[1])
         for b in range(image.shape[0]):
             here = batch == b
-            out[here] = F.grid_sample(image[b:b + 1], grid[here][None, None], mode="bilinear",
-                                      padding_mode="border", align_corners=False)[0, :, 0].t()
+            sample = F.grid_sample(image[b:b + 1], grid[here][None, None], mode="bilinear", padding_mode="border",
+                                   align_corners=False)
+            out[here] = sample[0, :, 0].t().to(out.dtype)  # autocast may run grid_sample in float32
         return out
 
     def _classify(self, columns: Tensor, alpha: Tensor, labels: Optional[Tensor]) -> Tensor:

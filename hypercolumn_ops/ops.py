@@ -5,8 +5,13 @@ Coordinates are continuous, in pixels of the image the network saw: pixel ``i`` 
 ``[i, i + 1)``. Layer ``l`` of shape ``(H_l, W_l)`` samples image point ``(x, y)`` at feature
 coordinate ``(x * sx - 0.5, y * sy - 0.5)`` with ``sy = H_l / H``, ``sx = W_l / W`` (from
 ``image_size = (H, W)``) or ``sx = sy = spatial_scale[l]``, bilinearly.
+
+Inside ``torch.autocast`` the fused operators run in the autocast dtype and the sampling
+operators promote mixed features to the widest dtype (see "autocast" below).
 """
 
+import contextlib
+import functools
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -41,6 +46,77 @@ def _checking_values(values: Tensor) -> bool:
     if not _value_checks[0] or torch.compiler.is_compiling():
         return False
     return values.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------------------------- autocast
+#
+# Inside a torch.autocast region of the features' device, the operators follow autocast's policy
+# for operators of their kind, then run the backend with autocast off, in the dtypes chosen:
+# - the fused operators multiply features by classifier weights, as conv2d and linear do: the
+#   features, weights and bias are cast to the autocast dtype (float16 or bfloat16);
+# - sparse_hypercolumn and box_hypercolumn concatenate layers, as torch.cat does: features of
+#   different dtypes are promoted to the widest of them.
+# As in autocast, float64 tensors are never cast. The casts are differentiable: the gradients of
+# float32 weights are float32.
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_device(features) -> Optional[str]:
+    """The device type of ``features`` if an autocast region of that device type is active."""
+    first = features[0] if isinstance(features, (list, tuple)) and features else None
+    if not isinstance(first, Tensor) or first.device.type not in _AUTOCAST_DEVICES:
+        return None
+    return first.device.type if torch.is_autocast_enabled(first.device.type) else None
+
+
+def _castable(value) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64
+
+
+def _cast(value, dtype: torch.dtype):
+    return value.to(dtype) if _castable(value) else value
+
+
+def _autocast_fused(features, weights, bias):
+    """(features, weights, bias) in the autocast dtype inside an autocast region, else as given."""
+    device_type = _autocast_device(features)
+    if device_type is None:
+        return features, weights, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if isinstance(weights, (list, tuple)):
+        weights = [_cast(w, dtype) for w in weights]
+    return [_cast(f, dtype) for f in features], weights, _cast(bias, dtype)
+
+
+def _autocast_sampling(features):
+    """``features`` promoted to their widest dtype inside an autocast region, else as given."""
+    if _autocast_device(features) is None:
+        return features
+    dtypes = [f.dtype for f in features if _castable(f)]
+    if len(set(dtypes)) < 2:
+        return features
+    widest = functools.reduce(torch.promote_types, dtypes)
+    return [_cast(f, widest) for f in features]
+
+
+def without_autocast(device_type: str):
+    """A context in which autocast is off for ``device_type`` (for a device type autocast does
+    not know, a context that does nothing)."""
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run(name: str, args: tuple) -> Tensor:
+    """Operator ``name`` of the backend for the features' device, on normalised ``args``; with
+    autocast off for that device, so that no product inside a backend is autocast."""
+    device = args[0][0].device
+    operator = getattr(backend_module(device), name)
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        with without_autocast(device.type):
+            return operator(*args)
+    return operator(*args)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -296,12 +372,12 @@ def sparse_hypercolumn(features: Sequence[Tensor], points: Tensor, *, image_size
     """
     args = normalise_sparse_hypercolumn(features, points, image_size=image_size, spatial_scale=spatial_scale,
                                         padding=padding)
-    return backend_module(args[0][0].device).sparse_hypercolumn(*args)
+    return _run("sparse_hypercolumn", args)
 
 
 def normalise_sparse_hypercolumn(features, points, *, image_size=None, spatial_scale=None, padding="border"):
     """Checked public arguments -> the compiled operator's arguments (see ``csrc/ops.cpp``)."""
-    features = _check_features(features)
+    features = _check_features(_autocast_sampling(features))
     points = _check_points(points, features)
     scale_y, scale_x = _check_scales(features, image_size, spatial_scale)
     return features, points, scale_y, scale_x, _check_padding(padding)
@@ -327,13 +403,13 @@ def box_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Te
     """
     args = normalise_box_hypercolumn(features, boxes, output_size, image_size=image_size,
                                      spatial_scale=spatial_scale, padding=padding)
-    return backend_module(args[0][0].device).box_hypercolumn(*args)
+    return _run("box_hypercolumn", args)
 
 
 def normalise_box_hypercolumn(features, boxes, output_size, *, image_size=None, spatial_scale=None,
                               padding="border"):
     """Checked public arguments -> the compiled operator's arguments (see ``csrc/ops.cpp``)."""
-    features = _check_features(features)
+    features = _check_features(_autocast_sampling(features))
     boxes = _check_boxes(boxes, features)
     output_height, output_width = _check_output_size(output_size)
     scale_y, scale_x = _check_scales(features, image_size, spatial_scale)
@@ -365,12 +441,13 @@ def fused_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[
     args = normalise_fused_hypercolumn(features, boxes, weights, bias, output_size=output_size,
                                        image_size=image_size, spatial_scale=spatial_scale, labels=labels,
                                        activation=activation, padding=padding)
-    return backend_module(args[0][0].device).fused_hypercolumn(*args)
+    return _run("fused_hypercolumn", args)
 
 
 def normalise_fused_hypercolumn(features, boxes, weights, bias=None, *, output_size=(50, 50), image_size=None,
                                 spatial_scale=None, labels=None, activation=None, padding="border"):
     """Checked public arguments -> the compiled operator's arguments (see ``csrc/ops.cpp``)."""
+    features, weights, bias = _autocast_fused(features, weights, bias)
     features = _check_features(features)
     boxes = _check_boxes(boxes, features)
     output_height, output_width = _check_output_size(output_size)
@@ -408,12 +485,13 @@ def fused_hypercolumn_points(features: Sequence[Tensor], points: Tensor, weights
     args = normalise_fused_hypercolumn_points(features, points, weights, bias, locations=locations,
                                               image_size=image_size, spatial_scale=spatial_scale, labels=labels,
                                               activation=activation, padding=padding)
-    return backend_module(args[0][0].device).fused_hypercolumn_points(*args)
+    return _run("fused_hypercolumn_points", args)
 
 
 def normalise_fused_hypercolumn_points(features, points, weights, bias=None, *, locations=None, image_size=None,
                                        spatial_scale=None, labels=None, activation=None, padding="border"):
     """Checked public arguments -> the compiled operator's arguments (see ``csrc/ops.cpp``)."""
+    features, weights, bias = _autocast_fused(features, weights, bias)
     features = _check_features(features)
     points = _check_points(points, features)
     weights, classes, cells, outputs, class_specific = _check_weights(weights, features)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import HypercolumnHead
-from .ops import box_hypercolumn
+from .ops import box_hypercolumn, without_autocast
 from .reference import box_grid_points
 
 
@@ -229,8 +229,11 @@ class FigureGroundTask(nn.Module):
 
     @staticmethod
     def loss(probabilities: Tensor, targets: Tensor) -> Tensor:
-        """Mean per-pixel log loss."""
-        return F.binary_cross_entropy(probabilities.float(), targets.float())
+        """Mean per-pixel log loss, in float32; also inside ``torch.autocast``, which refuses
+        ``binary_cross_entropy`` on CUDA (the head's sigmoid acts per cell, before the blend, so
+        there are no logits to give ``binary_cross_entropy_with_logits``)."""
+        with without_autocast(probabilities.device.type):
+            return F.binary_cross_entropy(probabilities.float(), targets.float())
 
     @staticmethod
     def decode(probabilities: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float = 0.5) -> Tensor:
