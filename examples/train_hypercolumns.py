@@ -271,6 +271,9 @@ def train(args, layers: List[int], device: torch.device, rank: int, world: int, 
                         drop_last=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, args.lr, total_steps=args.steps, pct_start=0.1)
+    # Mixed precision: autocast's default dtype for the device; float16 needs its loss scaled.
+    half = torch.get_autocast_dtype(device.type) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and half)
     seen = hashlib.sha256()
     start = time.perf_counter()
     progress = tqdm(loader, total=args.steps, desc=label, disable=rank != 0, dynamic_ncols=True)
@@ -278,11 +281,13 @@ def train(args, layers: List[int], device: torch.device, rank: int, world: int, 
         if args.checksum_file:
             seen.update(batch["image"].numpy().tobytes())
         boxes = batch["boxes"].to(device)
-        output = wrapped(batch["image"].to(device), boxes, batch["labels"].to(device))
-        loss = model.loss(output, {k: v.to(device) for k, v in batch.items()})
+        with torch.autocast(device.type, enabled=args.amp):
+            output = wrapped(batch["image"].to(device), boxes, batch["labels"].to(device))
+            loss = model.loss(output, {k: v.to(device) for k, v in batch.items()})
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
         schedule.step()
         progress.set_postfix(loss=f"{loss.item():.4f}")
     return model, time.perf_counter() - start, seen.hexdigest()
@@ -379,6 +384,9 @@ def main(argv=None) -> None:
                         help="torch threads per process (0: torch's default); one thread per process keeps a "
                              "busy or small CPU from thrashing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed-precision training (torch.autocast: bfloat16 on the CPU, float16 with a "
+                             "GradScaler on CUDA)")
     parser.add_argument("--backend", choices=hypercolumn_ops.backends.NAMES, default=None,
                         help="force an operator backend (default: the best available)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -2,6 +2,7 @@
 DistributedDataParallel on different images and end with identical parameters; in one
 process, every task trains, evaluates and writes its table and figure."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +54,20 @@ def test_one_process_writes_table_and_figure(tmp_path, task, capsys):
     stem = tmp_path / task.replace("-", "_")
     assert (stem.with_suffix(".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| hypercolumn (strides 2, 4, 8) |" in stem.with_suffix(".md").read_text()
+
+
+
+def test_one_process_trains_with_mixed_precision():
+    """--amp: the forward and the loss inside the CPU's autocast (the compiled kernels in
+    bfloat16), float32 parameters that the steps change, nothing non-finite."""
+    spec = importlib.util.spec_from_file_location("train_hypercolumns", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = argparse.Namespace(task="figure-ground", steps=3, batch_size=2, seed=0, image_size=64, grid=8,
+                              workers=0, lr=3e-3, checksum_file=None, amp=True)
+    torch.manual_seed(args.seed)  # as train() does: the same initial model
+    initial = example.HypercolumnModel(args.task, [0, 1, 2], output_size=(args.grid, args.grid))
+    model, _, _ = example.train(args, [0, 1, 2], torch.device("cpu"), 0, 1, "amp")
+    for (name, _), after in zip(initial.named_parameters(), model.parameters()):
+        assert after.dtype == torch.float32 and torch.isfinite(after).all(), name
+    assert example.parameter_digest(model) != example.parameter_digest(initial)
