@@ -385,8 +385,9 @@ def main(argv=None) -> None:
                              "busy or small CPU from thrashing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed-precision training (torch.autocast: bfloat16 on the CPU, float16 with a "
-                             "GradScaler on CUDA)")
+                        help="mixed-precision training (torch.autocast: float16 with a GradScaler on CUDA, "
+                             "bfloat16 on the CPU, where torch's bfloat16 convolutions can be several times "
+                             "slower than float32 ones)")
     parser.add_argument("--backend", choices=hypercolumn_ops.backends.NAMES, default=None,
                         help="force an operator backend (default: the best available)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
