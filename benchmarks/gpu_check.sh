@@ -20,7 +20,7 @@
 #                 then the forward of points-sparse and boxes (the sampling kernels on NCHW maps,
 #                 profile_sampling.log)
 #   6. host       benchmarks/host_costs.py: host time of the pieces of the sds forward without the
-#                 profiler (one aten op, each layer's cuBLAS projection, the whole call)
+#                 profiler (one aten op, each layer's cuBLAS projection, the Python checks, the whole call)
 #   7. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
 #   8. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not

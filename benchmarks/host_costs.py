@@ -11,6 +11,7 @@ Pieces, on the ``sds`` workload's layers (float32 by default):
 - each layer's projection as the native backend makes it (``at::mm`` of the map's pixel matrix,
   a transposed view of the NCHW map, with the weights transposed), under each cuBLAS library that
   ``torch.backends.cuda.preferred_blas_library`` offers, and with a contiguous pixel matrix;
+- the Python argument checks and normalisation of the public function (``ops.normalise_*``);
 - the whole ``fused_hypercolumn`` forward (native), with and without the value checks.
 
 Usage: python benchmarks/host_costs.py [--dtype float32] [--calls 200]
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hypercolumn_ops  # noqa: E402
+from hypercolumn_ops import ops  # noqa: E402
 from methods import method_function  # noqa: E402
 from run import DTYPES  # noqa: E402
 from workloads import build  # noqa: E402
@@ -89,6 +91,8 @@ def main() -> None:
             torch.backends.cuda.preferred_blas_library(original)
     function = method_function("fused_hypercolumn", "fused/native")
     call_args, kwargs = inputs.call_args()
+    rows.append(("argument checks and normalisation (Python, with the value check)",
+                 host_and_device_ms(lambda: ops.normalise_fused_hypercolumn(*call_args, **kwargs), args.calls)))
     with torch.no_grad():
         rows.append(("fused_hypercolumn forward, native", host_and_device_ms(lambda: function(*call_args, **kwargs),
                                                                              args.calls)))
