@@ -53,3 +53,30 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-12, atol=1e-12)
+
+
+# The reference backend is left out: written for clarity, it specialises on the counts.
+@pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+def test_compiled_model_follows_changing_box_and_point_counts(backend):
+    """A detector sends another number of boxes every step: after the first count, the model
+    compiles once more with symbolic counts (torch.compile's default), then never again, and
+    stays equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = Heads()
+    features = inputs(0)[0]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    g = torch.Generator().manual_seed(5)
+    with hypercolumn_ops.use_backend(backend):
+        for count in (3, 5, 8, 13, 21):
+            boxes = torch.cat([torch.randint(0, 2, (count, 1), generator=g), torch.rand(count, 2, generator=g) * 6,
+                               8 + torch.rand(count, 2, generator=g) * 6], 1).double()
+            points = torch.cat([torch.randint(0, 2, (count + 1, 1), generator=g),
+                                torch.rand(count + 1, 2, generator=g) * 14], 1).double()
+            locations = torch.rand(count + 1, 2, generator=g, dtype=torch.float64)
+            out = compiled(features, boxes, points, locations)
+            eager = model(features, boxes, points, locations)
+            torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 2
