@@ -506,6 +506,9 @@ def normalise_fused_hypercolumn_points(features, points, weights, bias=None, *, 
 
 
 def _orders(features: List[Tensor], num_points: int, classes: int, cells: int, outputs: int) -> List[int]:
-    plans = planning.plan_layers([tuple(f.shape) for f in features], num_points, classes, cells, outputs,
-                                 features[0].device.type)
+    shapes = [tuple(f.shape) for f in features]
+    if not all(isinstance(size, int) for size in (num_points, *(s for shape in shapes for s in shape))):
+        # Symbolic sizes (traced with dynamic shapes): no choice may depend on them.
+        return [planning.many_points_order(shape[1], cells, outputs) for shape in shapes]
+    plans = planning.plan_layers(shapes, num_points, classes, cells, outputs, features[0].device.type)
     return [plan.order for plan in plans]

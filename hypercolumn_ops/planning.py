@@ -64,3 +64,17 @@ def plan_layers(feature_shapes: Sequence[Sequence[int]], num_points: int, num_cl
         order = PROJECT_SCORES if project < sample else SAMPLE_FEATURES
         plans.append(LayerPlan(order, sample, project))
     return plans
+
+
+def many_points_order(channels: int, cells: int, outputs: int) -> int:
+    """The order :func:`plan_layers` tends to as ``num_points`` grows, the map's projection then
+    costing little per point: ``PROJECT_SCORES`` unless sampling a point's scores
+    (``4 * cells_hit * M`` gathered multiply-adds) costs as much as sampling and classifying its
+    features (``C_l * (4 + cells_hit * M)``), which only a layer of one or two channels reaches.
+
+    For sizes that are symbolic (``torch.compile`` with dynamic shapes, ``torch.export`` with a
+    dynamic number of boxes or points): an order chosen from them would be a guard on them, or
+    a constraint that export refuses; both orders are exact, so the traced graph takes this one.
+    """
+    cells_hit = min(cells, 4)
+    return PROJECT_SCORES if 4 * cells_hit * outputs < channels * (4 + cells_hit * outputs) else SAMPLE_FEATURES

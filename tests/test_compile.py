@@ -80,3 +80,29 @@ def test_compiled_model_follows_changing_box_and_point_counts(backend):
             eager = model(features, boxes, points, locations)
             torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 2
+
+
+@pytest.mark.skipif("native" not in hypercolumn_ops.available_backends("cpu"), reason="needs the compiled extension")
+def test_export_with_a_dynamic_number_of_boxes_and_points():
+    """torch.export (non-strict) of a model whose box and point counts are dynamic: the per-layer
+    evaluation order is chosen without looking at the counts (planning.many_points_order), so
+    export adds no constraint on them; the exported program then runs other counts."""
+    model = Heads()
+    features, boxes, points, locations = inputs(0)
+    features = [f.detach() for f in features]
+    boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
+    shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
+              "locations": {0: points_count}}
+    with hypercolumn_ops.use_backend("native"):
+        exported = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes,
+                                       strict=False)
+        g = torch.Generator().manual_seed(6)
+        for count in (1, 7, 40):
+            boxes = torch.cat([torch.randint(0, 2, (count, 1), generator=g), torch.rand(count, 2, generator=g) * 6,
+                               8 + torch.rand(count, 2, generator=g) * 6], 1).double()
+            points = torch.cat([torch.randint(0, 2, (count + 2, 1), generator=g),
+                                torch.rand(count + 2, 2, generator=g) * 14], 1).double()
+            locations = torch.rand(count + 2, 2, generator=g, dtype=torch.float64)
+            # Both evaluation orders are exact; eager may pick the other one: float64 rounding apart.
+            torch.testing.assert_close(exported.module()(features, boxes, points, locations),
+                                       model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)
