@@ -505,9 +505,21 @@ def normalise_fused_hypercolumn_points(features, points, weights, bias=None, *, 
             _check_activation(activation), orders)
 
 
+def _concrete(num_points, shapes) -> bool:
+    """Whether all these sizes are plain ints, not symbolic ones (a loop: a generator costs the
+    host microseconds per call)."""
+    if type(num_points) is not int:
+        return False
+    for shape in shapes:
+        for size in shape:
+            if type(size) is not int:
+                return False
+    return True
+
+
 def _orders(features: List[Tensor], num_points: int, classes: int, cells: int, outputs: int) -> List[int]:
     shapes = [tuple(f.shape) for f in features]
-    if not all(isinstance(size, int) for size in (num_points, *(s for shape in shapes for s in shape))):
+    if not _concrete(num_points, shapes):
         # Symbolic sizes (traced with dynamic shapes): no choice may depend on them.
         return [planning.many_points_order(shape[1], cells, outputs) for shape in shapes]
     plans = planning.plan_layers(shapes, num_points, classes, cells, outputs, features[0].device.type)
