@@ -27,6 +27,9 @@ PROJECT_SCORES = 1
 # vectorised), so 3.5.
 # CUDA: cuBLAS on tensor-core-free float32 still beats scattered loads by more.
 GEMM_SPEEDUP = {"cpu": 3.5, "cuda": 16.0}
+# The same as (numerator, denominator), for comparisons in integers (torch.compile of torch 2.4
+# cannot trace float.as_integer_ratio).
+_SPEEDUP_RATIOS = {device: speedup.as_integer_ratio() for device, speedup in GEMM_SPEEDUP.items()}
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,21 @@ def plan_layers(feature_shapes: Sequence[Sequence[int]], num_points: int, num_cl
         outputs: ``M``, outputs per cell.
         device_type: ``"cpu"`` or ``"cuda"``.
     """
-    speedup = GEMM_SPEEDUP.get(device_type, GEMM_SPEEDUP["cuda"])
+    known = device_type if device_type in GEMM_SPEEDUP else "cuda"
+    speedup = GEMM_SPEEDUP[known]
+    numerator, denominator = _SPEEDUP_RATIOS[known]
     cells_hit = min(cells, 4)
     plans = []
     for batch, channels, height, width in feature_shapes:
-        sample = float(num_points) * channels * (4 + cells_hit * outputs)
-        project = (float(batch) * height * width * channels * num_classes * cells * outputs / speedup
-                   + float(num_points) * 4 * cells_hit * outputs)
-        order = PROJECT_SCORES if project < sample else SAMPLE_FEATURES
-        plans.append(LayerPlan(order, sample, project))
+        dense = batch * height * width * channels * num_classes * cells * outputs  # multiply-adds of the product
+        gathered_sample = num_points * channels * (4 + cells_hit * outputs)
+        gathered_project = num_points * 4 * cells_hit * outputs
+        # project < sample, in integers times the speed-up's denominator: under torch.compile the
+        # sizes may be symbolic, and a comparison of floats made from them is a guard that torch
+        # 2.4 cannot evaluate (it recompiles at every new count).
+        cheaper = dense * denominator + gathered_project * numerator < gathered_sample * numerator
+        order = PROJECT_SCORES if cheaper else SAMPLE_FEATURES
+        plans.append(LayerPlan(order, float(gathered_sample), dense / speedup + float(gathered_project)))
     return plans
 
 
