@@ -111,12 +111,13 @@ def without_autocast(device_type: str):
 def _run(name: str, args: tuple) -> Tensor:
     """Operator ``name`` of the backend for the features' device, on normalised ``args``; with
     autocast off for that device, so that no product inside a backend is autocast."""
-    device = args[0][0].device
-    operator = getattr(backend_module(device), name)
-    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
-        with without_autocast(device.type):
-            return operator(*args)
-    return operator(*args)
+    features = args[0]
+    operator = getattr(backend_module(features[0].device), name)
+    device_type = _autocast_device(features)
+    if device_type is None:
+        return operator(*args)
+    with torch.autocast(device_type, enabled=False):
+        return operator(*args)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -40,10 +40,6 @@ def device_backends():
     return pairs
 
 
-def autocast_dtype(device):
-    return torch.get_autocast_dtype(device)
-
-
 def leaves(dtypes, device, seed=0, grid=2, outputs=2, classes=None):
     """Features of the given dtypes and float32 classifier weights and bias, all leaves."""
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +92,7 @@ def assert_equal(actual, expected):
 @pytest.mark.parametrize("feature_dtype", ["float32", "low"])
 @pytest.mark.parametrize("classes", [None, 3])
 def test_fused_operators_run_in_the_autocast_dtype(device, backend, op, feature_dtype, classes):
-    low = autocast_dtype(device)
+    low = torch.get_autocast_dtype(device)
     dtype = low if feature_dtype == "low" else torch.float32
     features, weights, bias = leaves([dtype] * 3, device, classes=classes)
     labels = None if classes is None else torch.tensor([2, 0, 1], device=device)
@@ -119,35 +115,23 @@ def test_fused_operators_run_in_the_autocast_dtype(device, backend, op, feature_
 
 @pytest.mark.parametrize("device, backend", device_backends())
 @pytest.mark.parametrize("op", SAMPLING)
-def test_sampling_operators_promote_mixed_features(device, backend, op):
-    low = autocast_dtype(device)
-    features, _, _ = leaves([low, torch.float32, low], device)
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-promoted", "one-dtype-kept"])
+def test_sampling_operators_promote_mixed_features(device, backend, op, mixed):
+    low = torch.get_autocast_dtype(device)
+    features, _, _ = leaves([low, torch.float32, low] if mixed else [low] * 3, device)
+    widest = torch.float32 if mixed else low
 
     def inside():
         with torch.autocast(device, dtype=low):
             return call(op, features, None, None, device)
 
-    with hypercolumn_ops.use_backend(backend), deterministic_algorithms(device == "cuda"):
-        actual = output_and_grads(inside, features)
-        expected = output_and_grads(lambda: call(op, [f.float() for f in features], None, None, device), features)
-    assert actual[0].dtype == torch.float32
-    assert_equal(actual, expected)
-
-
-@pytest.mark.parametrize("device, backend", device_backends())
-@pytest.mark.parametrize("op", SAMPLING)
-def test_sampling_operators_keep_one_dtype(device, backend, op):
-    low = autocast_dtype(device)
-    features, _, _ = leaves([low] * 3, device)
-
-    def inside():
-        with torch.autocast(device, dtype=low):
-            return call(op, features, None, None, device)
+    def by_hand():
+        return call(op, [f.to(widest) for f in features], None, None, device)
 
     with hypercolumn_ops.use_backend(backend), deterministic_algorithms(device == "cuda"):
         actual = output_and_grads(inside, features)
-        expected = output_and_grads(lambda: call(op, features, None, None, device), features)
-    assert actual[0].dtype == low
+        expected = output_and_grads(by_hand, features)
+    assert actual[0].dtype == widest
     assert_equal(actual, expected)
 
 
@@ -160,7 +144,7 @@ def test_float64_is_never_cast(device, backend, op):
     tensors = features + (weights + [bias] if op in FUSED else [])
 
     def inside():
-        with torch.autocast(device, dtype=autocast_dtype(device)):
+        with torch.autocast(device, dtype=torch.get_autocast_dtype(device)):
             return call(op, features, weights, bias, device)
 
     with hypercolumn_ops.use_backend(backend), deterministic_algorithms(device == "cuda"):
@@ -175,7 +159,7 @@ def test_float64_is_never_cast(device, backend, op):
 @pytest.mark.parametrize("device, backend", [p for p in device_backends() if p.values[1] != "reference"])
 @pytest.mark.parametrize("op", FUSED + SAMPLING)
 def test_backward_inside_the_region(device, backend, op):
-    low = autocast_dtype(device)
+    low = torch.get_autocast_dtype(device)
     features, weights, bias = leaves([torch.float32] * 3, device)
     tensors = features + (weights + [bias] if op in FUSED else [])
 
@@ -217,7 +201,7 @@ def test_compiled_operators_are_not_autocast_inside(device, op):
         expected = forward(*detached)
         grad = torch.randn_like(expected)
         expected_grads = backward(grad, *detached)
-        with torch.autocast(device, dtype=autocast_dtype(device)):
+        with torch.autocast(device, dtype=torch.get_autocast_dtype(device)):
             out = forward(*detached)
             grads = backward(grad, *detached)
     assert out.dtype == torch.float32
@@ -257,7 +241,7 @@ def test_head_is_a_drop_in_under_autocast(device):
     """Inside a mixed-precision model the fused head takes the backbone's low-precision features
     and float32 parameters, as the naive head's convolutions do, and stays the closer of the two
     to the exact value of the function they share."""
-    low = autocast_dtype(device)
+    low = torch.get_autocast_dtype(device)
     torch.manual_seed(0)
     fused = HypercolumnHead(CHANNELS, 2, grid_size=3, output_size=(6, 5), activation="sigmoid").to(device)
     naive = NaiveHypercolumnHead(CHANNELS, 2, grid_size=3, output_size=(6, 5), activation="sigmoid").to(device)
@@ -292,7 +276,7 @@ def test_task_losses_inside_the_region(device):
     """The tasks' losses run in float32 inside the region as outside (on CUDA, autocast refuses
     the binary_cross_entropy of the figure-ground loss unless it turns autocast off)."""
     g = torch.Generator().manual_seed(4)
-    low = autocast_dtype(device)
+    low = torch.get_autocast_dtype(device)
     probabilities = torch.rand(3, 6, 5, generator=g).to(device=device, dtype=low)
     soft = torch.rand(3, 6, 5, generator=g).to(device)
     logits = torch.randn(3, 4, 6, 5, generator=g).to(device=device, dtype=low)

@@ -55,6 +55,16 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-12, atol=1e-12)
 
 
+def counted_rows(boxes, points, generator):
+    """``boxes`` random boxes and ``points`` random points (with locations) over both images."""
+    g = generator
+    box_rows = torch.cat([torch.randint(0, 2, (boxes, 1), generator=g), torch.rand(boxes, 2, generator=g) * 6,
+                          8 + torch.rand(boxes, 2, generator=g) * 6], 1).double()
+    point_rows = torch.cat([torch.randint(0, 2, (points, 1), generator=g),
+                            torch.rand(points, 2, generator=g) * 14], 1).double()
+    return box_rows, point_rows, torch.rand(points, 2, generator=g, dtype=torch.float64)
+
+
 # The reference backend is left out: written for clarity, it specialises on the counts.
 @pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
 def test_compiled_model_follows_changing_box_and_point_counts(backend):
@@ -71,11 +81,7 @@ def test_compiled_model_follows_changing_box_and_point_counts(backend):
     g = torch.Generator().manual_seed(5)
     with hypercolumn_ops.use_backend(backend):
         for count in (3, 5, 8, 13, 21):
-            boxes = torch.cat([torch.randint(0, 2, (count, 1), generator=g), torch.rand(count, 2, generator=g) * 6,
-                               8 + torch.rand(count, 2, generator=g) * 6], 1).double()
-            points = torch.cat([torch.randint(0, 2, (count + 1, 1), generator=g),
-                                torch.rand(count + 1, 2, generator=g) * 14], 1).double()
-            locations = torch.rand(count + 1, 2, generator=g, dtype=torch.float64)
+            boxes, points, locations = counted_rows(count, count + 1, g)
             out = compiled(features, boxes, points, locations)
             eager = model(features, boxes, points, locations)
             torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
@@ -98,11 +104,7 @@ def test_export_with_a_dynamic_number_of_boxes_and_points():
                                        strict=False)
         g = torch.Generator().manual_seed(6)
         for count in (1, 7, 40):
-            boxes = torch.cat([torch.randint(0, 2, (count, 1), generator=g), torch.rand(count, 2, generator=g) * 6,
-                               8 + torch.rand(count, 2, generator=g) * 6], 1).double()
-            points = torch.cat([torch.randint(0, 2, (count + 2, 1), generator=g),
-                                torch.rand(count + 2, 2, generator=g) * 14], 1).double()
-            locations = torch.rand(count + 2, 2, generator=g, dtype=torch.float64)
+            boxes, points, locations = counted_rows(count, count + 2, g)
             # Both evaluation orders are exact; eager may pick the other one: float64 rounding apart.
             torch.testing.assert_close(exported.module()(features, boxes, points, locations),
                                        model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)

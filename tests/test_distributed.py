@@ -17,6 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_hypercolumns.py")
 
 
+def load_example():
+    """The training example as a module."""
+    spec = importlib.util.spec_from_file_location("train_hypercolumns", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_two_processes_end_with_the_same_parameters(tmp_path):
@@ -43,9 +51,7 @@ def test_two_processes_end_with_the_same_parameters(tmp_path):
 
 @pytest.mark.parametrize("task", ["figure-ground", "keypoints", "parts"])
 def test_one_process_writes_table_and_figure(tmp_path, task, capsys):
-    spec = importlib.util.spec_from_file_location("train_hypercolumns", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example()
     example.main(["--task", task, "--steps", "2", "--batch-size", "2", "--val-images", "4", "--grid", "8",
                   "--device", "cpu", "--backend", "reference", "--threads", "0", "--out-dir", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -56,13 +62,10 @@ def test_one_process_writes_table_and_figure(tmp_path, task, capsys):
     assert "| hypercolumn (strides 2, 4, 8) |" in stem.with_suffix(".md").read_text()
 
 
-
 def test_one_process_trains_with_mixed_precision():
     """--amp: the forward and the loss inside the CPU's autocast (the compiled kernels in
     bfloat16), float32 parameters that the steps change, nothing non-finite."""
-    spec = importlib.util.spec_from_file_location("train_hypercolumns", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example()
     args = argparse.Namespace(task="figure-ground", steps=3, batch_size=2, seed=0, image_size=64, grid=8,
                               workers=0, lr=3e-3, checksum_file=None, amp=True)
     torch.manual_seed(args.seed)  # as train() does: the same initial model
