@@ -506,6 +506,10 @@ def normalise_fused_hypercolumn_points(features, points, weights, bias=None, *, 
             _check_activation(activation), orders)
 
 
+# torch.compiler.is_exporting came with torch 2.6; before it, only non-strict export is told apart.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _concrete(num_points, shapes) -> bool:
     """Whether all these sizes are plain ints, not symbolic ones (a loop: a generator costs the
     host microseconds per call)."""
@@ -520,8 +524,9 @@ def _concrete(num_points, shapes) -> bool:
 
 def _orders(features: List[Tensor], num_points: int, classes: int, cells: int, outputs: int) -> List[int]:
     shapes = [tuple(f.shape) for f in features]
-    if not _concrete(num_points, shapes):
-        # Symbolic sizes (traced with dynamic shapes): no choice may depend on them.
+    if not _concrete(num_points, shapes) or _is_exporting():
+        # Symbolic sizes (traced with dynamic shapes): no choice may depend on them. Strict export
+        # traces with Dynamo, where symbolic sizes look like ints: while exporting, never look.
         return [planning.many_points_order(shape[1], cells, outputs) for shape in shapes]
     plans = planning.plan_layers(shapes, num_points, classes, cells, outputs, features[0].device.type)
     return [plan.order for plan in plans]

@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True) traces models that call every operator, forward and backward,
 with no graph break, on every backend that runs on the CPU here."""
 
+import io
+
 import pytest
 import torch
 
@@ -88,20 +90,28 @@ def test_compiled_model_follows_changing_box_and_point_counts(backend):
     assert counter.frame_count == 2
 
 
-@pytest.mark.skipif("native" not in hypercolumn_ops.available_backends("cpu"), reason="needs the compiled extension")
-def test_export_with_a_dynamic_number_of_boxes_and_points():
-    """torch.export (non-strict) of a model whose box and point counts are dynamic: the per-layer
-    evaluation order is chosen without looking at the counts (planning.many_points_order), so
-    export adds no constraint on them; the exported program then runs other counts."""
+@pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"), reason="strict export with dynamic counts needs "
+    "torch.compiler.is_exporting (torch 2.6 and newer)"))], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
+    """torch.export of a model whose box and point counts are dynamic: while exporting, the
+    per-layer evaluation order is chosen without looking at the counts
+    (planning.many_points_order), so export adds no constraint on them; the exported program, saved
+    and loaded again, then runs other counts."""
     model = Heads()
     features, boxes, points, locations = inputs(0)
     features = [f.detach() for f in features]
     boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
     shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
               "locations": {0: points_count}}
-    with hypercolumn_ops.use_backend("native"):
+    with hypercolumn_ops.use_backend(backend):
         exported = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes,
-                                       strict=False)
+                                       strict=strict)
+        saved = io.BytesIO()
+        torch.export.save(exported, saved)
+        saved.seek(0)
+        exported = torch.export.load(saved)
         g = torch.Generator().manual_seed(6)
         for count in (1, 7, 40):
             boxes, points, locations = counted_rows(count, count + 2, g)

@@ -24,7 +24,7 @@ def test_few_points_on_a_large_map_sample_features():
     assert many.order == planning.PROJECT_SCORES
 
 
-@pytest.mark.parametrize("channels, cells, outputs", itertools.product((1, 2, 3, 64), (1, 4, 9, 25), (1, 2, 17)))
+@pytest.mark.parametrize("channels, cells, outputs", list(itertools.product((1, 2, 3, 64), (1, 4, 9, 25), (1, 2, 17))))
 def test_many_points_order_is_the_limit_of_the_estimates(channels, cells, outputs):
     plans = planning.plan_layers([(2, channels, 40, 40)], 10**15, 1, cells, outputs, "cpu")
     assert planning.many_points_order(channels, cells, outputs) == plans[0].order
