@@ -125,3 +125,28 @@ def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
             # Both evaluation orders are exact; eager may pick the other one: float64 rounding apart.
             torch.testing.assert_close(exported.module()(features, boxes, points, locations),
                                        model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif("native" not in hypercolumn_ops.available_backends("cpu"), reason="needs the compiled extension")
+@pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
+                    reason="AOTInductor packages came with torch 2.6")
+def test_aot_inductor_package_with_a_dynamic_number_of_boxes_and_points(tmp_path):
+    """AOTInductor compiles the exported model (all four operators, dynamic counts) into a
+    package; loaded again, it runs other counts equal to eager. (tools/aoti_check.py runs such a
+    package from C++ in CI.)"""
+    model = Heads()
+    features, boxes, points, locations = inputs(0)
+    features = [f.detach() for f in features]
+    boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
+    shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
+              "locations": {0: points_count}}
+    with torch.no_grad():
+        exported = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes)
+        package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "heads.pt2"))
+        loaded = torch._inductor.aoti_load_package(package)
+        g = torch.Generator().manual_seed(7)
+        for count in (1, 7, 40):
+            boxes, points, locations = counted_rows(count, count + 2, g)
+            # The operators' kernels are eager's; inductor may add the four sums in another order.
+            torch.testing.assert_close(loaded(features, boxes, points, locations),
+                                       model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)
