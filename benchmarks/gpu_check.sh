@@ -21,12 +21,14 @@
 #                 profile_sampling.log)
 #   6. host       benchmarks/host_costs.py: host time of the pieces of the sds forward without the
 #                 profiler (one aten op, each layer's cuBLAS projection, the Python checks, the whole call)
-#   7. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#   7. mask_rcnn  benchmarks/mask_rcnn.py --device cuda: Mask R-CNN's mask branch, torchvision's against
+#                 the hypercolumn head (per class and class-agnostic), COCO-sized inputs
+#   8. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
-#   8. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
+#   9. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
 # Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
-# seconds, then the targets table and the tails of the test, profile, host and sanitizer logs) is left
+# seconds, then the targets table and the tails of the test, profile, host, mask_rcnn and sanitizer logs) is left
 # beside it: two files come back.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -86,15 +88,18 @@ SANITIZER=40  # 15 s on an H200
 HOST=20
 PROFILE=60  # 19 s on an H200
 SAMPLING=20
-step bench_float32 $(( (BUDGET - SANITIZER - HOST - SAMPLING - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py \
+MASK=30
+step bench_float32 $(( (BUDGET - SANITIZER - MASK - HOST - SAMPLING - PROFILE - SECONDS) / 2 )) "$PYTHON" benchmarks/run.py \
   --device cuda --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - HOST - SAMPLING - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py \
+step bench_bfloat16 $(( BUDGET - SANITIZER - MASK - HOST - SAMPLING - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py \
   --device cuda --dtype bfloat16 --out "$WORK/bench_bfloat16"
-step profile $(( BUDGET - SANITIZER - HOST - SAMPLING - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+step profile $(( BUDGET - SANITIZER - MASK - HOST - SAMPLING - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
   --workloads sds keypoints --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
-step profile_sampling $(( BUDGET - SANITIZER - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+step profile_sampling $(( BUDGET - SANITIZER - MASK - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
   --workloads points-sparse boxes --methods fused/native fused/triton --modes forward --out "$WORK/profiles"
-step host $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/host_costs.py
+step host $(( BUDGET - SANITIZER - MASK - SECONDS )) "$PYTHON" benchmarks/host_costs.py
+step mask_rcnn $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/mask_rcnn.py --device cuda --repetitions 10 \
+  --out "$WORK/mask_rcnn"
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
@@ -112,6 +117,8 @@ step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.js
   tail -n 8 "$WORK/profile_sampling.log"
   echo "---- host.log"
   tail -n 20 "$WORK/host.log"
+  echo "---- mask_rcnn.log"
+  tail -n 12 "$WORK/mask_rcnn.log"
   echo "---- tail of sanitizer.log"
   tail -n 8 "$WORK/sanitizer.log"
 } >> "$SUMMARY"

@@ -155,12 +155,17 @@ def measure_memory_here(workload_name: str, method: str, mode: str, dtype: torch
 
 
 def measure_memory_in_subprocess(workload_name: str, method: str, mode: str, dtype_name: str) -> Dict:
+    return memory_in_fresh_process([os.path.abspath(__file__), "--measure-memory", workload_name, method, mode,
+                                    "--dtype", dtype_name])
+
+
+def memory_in_fresh_process(arguments: List[str]) -> Dict:
+    """Runs ``python ARGUMENTS`` (a script's ``--measure-memory`` entry point, which prints
+    ``{"peak_bytes": ...}`` as its last line) and returns that dict, or ``{"error": ...}``."""
     # A fixed malloc mmap threshold makes freed large blocks go back to the system at once, so
     # that memory freed while the inputs were built is not silently reused by the call.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    command = [sys.executable, os.path.abspath(__file__), "--measure-memory", workload_name, method, mode,
-               "--dtype", dtype_name]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout or "").strip().splitlines()
         return {"error": f"memory process exited with {result.returncode}: {lines[-1] if lines else ''}"}

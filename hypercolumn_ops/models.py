@@ -5,13 +5,20 @@
 layers as a list, in the order given, ready for the operators and heads of this package.
 Presets: VGG16 (the paper's network: pool2, conv4_3, conv5_3) and ResNet-50 (layer1..layer4),
 plus a small network for experiments on a CPU.
+
+``MaskRCNNHypercolumnHead`` and :func:`use_hypercolumn_masks` put the paper's hypercolumn
+classifier, over every level of the feature pyramid, in place of the mask branch of
+torchvision's Mask R-CNN.
 """
 
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
+
+from .nn import HypercolumnHead
 
 # torchvision's vgg16().features: conv1_1 is features.0; pool2 is features.9; conv4_3 is
 # features.21 and its ReLU features.22; conv5_3 features.28, its ReLU features.29.
@@ -112,3 +119,93 @@ class HypercolumnFeatures(nn.Module):
         return cls(small_backbone(widths), {str(i): f"stage{i + 1}" for i in range(len(widths))}, list(widths),
                    [2 ** (i + 1) for i in range(len(widths))])
 
+
+
+class MaskRCNNHypercolumnHead(nn.Module):
+    """The mask branch of torchvision's Mask R-CNN as one hypercolumn classifier: per box, a
+    ``K x K`` grid of location-specific classifiers over the hypercolumn of all the chosen
+    pyramid levels, one mask logit per class (:class:`hypercolumn_ops.nn.HypercolumnHead`,
+    fused: no RoI features are pooled).
+
+    It takes the place of ``roi_heads.mask_roi_pool``, with ``mask_head`` and ``mask_predictor``
+    identities (:func:`use_hypercolumn_masks` does it), so torchvision's mask loss and inference
+    run on its logits unchanged.
+
+    Args:
+        in_channels: channels of each level (one int for all, as FPN's ``out_channels``).
+        num_classes: classes of the detector, background included.
+        featmap_names: the levels read, keys of the backbone's output (FPN: ``"0"`` .. ``"3"``,
+            strides 4 .. 32).
+        grid_size: ``K``.
+        output_size: the mask grid per box (torchvision's mask branch: 28 x 28).
+        class_agnostic: one mask per box, shown to torchvision as every class's (an expanded
+            view, no copy), as in Mask R-CNN's class-agnostic variant: ``K*K`` score channels per
+            level instead of ``K*K*num_classes``, which is most of the head's time and memory
+            with many classes (``benchmarks/mask_rcnn.py``).
+
+    ``forward(features {name: (B, C, H_l, W_l)}, boxes [(R_b, 4) per image, (x1, y1, x2, y2) in
+    pixels of the batch's images], image_shapes [(h, w) per image]) -> (R, num_classes, oh, ow)``
+    logits, boxes in image order. Each level's scale is a power of two, inferred from the
+    largest image as ``torchvision.ops.MultiScaleRoIAlign`` does. The grid samples at pixel
+    centres (``roi_align(aligned=True)``), where torchvision projects its mask targets with
+    ``aligned=False``: half a pixel apart, far below a 28 x 28 cell of any box.
+    """
+
+    def __init__(self, in_channels: Union[int, Sequence[int]], num_classes: int,
+                 featmap_names: Sequence[str] = ("0", "1", "2", "3"), grid_size: int = 5,
+                 output_size: Union[int, Tuple[int, int]] = 28, class_agnostic: bool = False):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.num_classes = num_classes
+        if isinstance(in_channels, int):
+            in_channels = [in_channels] * len(self.featmap_names)
+        if len(in_channels) != len(self.featmap_names):
+            raise ValueError(f"in_channels: expected one count per level ({len(self.featmap_names)}), "
+                             f"got {list(in_channels)}")
+        self.classifier = HypercolumnHead(in_channels, num_outputs=1 if class_agnostic else num_classes,
+                                          grid_size=grid_size, output_size=output_size)
+
+    def forward(self, features: Dict[str, Tensor], boxes: List[Tensor],
+                image_shapes: List[Tuple[int, int]]) -> Tensor:
+        maps = [features[name] for name in self.featmap_names]
+        logits = self.classifier(maps, boxes, spatial_scale=pyramid_scales(maps, image_shapes))
+        return logits.expand(-1, self.num_classes, -1, -1)
+
+
+def pyramid_scales(maps: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]]) -> List[float]:
+    """The scale of each map of a padded batch: the power of two nearest ``H_l / max h`` (and
+    ``W_l / max w``; they must agree), as ``torchvision.ops.MultiScaleRoIAlign`` infers it."""
+    if not image_shapes:
+        raise ValueError("image_shapes: expected the (h, w) of each image, got none")
+    height = max(shape[0] for shape in image_shapes)
+    width = max(shape[1] for shape in image_shapes)
+    scales = []
+    for level, feature in enumerate(maps):
+        scale_y = 2.0 ** round(math.log2(feature.shape[-2] / height))
+        scale_x = 2.0 ** round(math.log2(feature.shape[-1] / width))
+        if scale_y != scale_x:
+            raise ValueError(f"maps[{level}]: its height and width give different scales ({scale_y} and {scale_x}) "
+                             f"for images up to {height} x {width}")
+        scales.append(scale_y)
+    return scales
+
+
+def use_hypercolumn_masks(model: nn.Module, grid_size: int = 5, output_size: Union[int, Tuple[int, int]] = 28,
+                          featmap_names: Sequence[str] = ("0", "1", "2", "3"),
+                          class_agnostic: bool = False) -> nn.Module:
+    """Puts a :class:`MaskRCNNHypercolumnHead` in place of the mask branch of a torchvision
+    ``MaskRCNN`` (``maskrcnn_resnet50_fpn`` and the like), in place, and returns the model. The
+    head reads ``featmap_names`` with the backbone's ``out_channels`` and predicts as many
+    classes as the replaced predictor (one mask for all with ``class_agnostic``). Train it as
+    before: ``model(images, targets)`` gives ``loss_mask`` from its logits, and in eval mode
+    ``masks``."""
+    heads = getattr(model, "roi_heads", None)
+    predictor = getattr(heads, "mask_predictor", None)
+    if predictor is None or not hasattr(predictor, "mask_fcn_logits"):
+        raise ValueError("model: expected a torchvision MaskRCNN with its mask predictor "
+                         "(roi_heads.mask_predictor.mask_fcn_logits)")
+    heads.mask_roi_pool = MaskRCNNHypercolumnHead(model.backbone.out_channels, predictor.mask_fcn_logits.out_channels,
+                                                  featmap_names, grid_size, output_size, class_agnostic)
+    heads.mask_head = nn.Identity()
+    heads.mask_predictor = nn.Identity()
+    return model

@@ -97,23 +97,27 @@ class HypercolumnHead(_HypercolumnClassifier):
     """
 
     def forward(self, features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Tensor]],
-                image_size: Sequence[int], labels: Optional[Tensor] = None) -> Tensor:
+                image_size: Optional[Sequence[int]] = None, labels: Optional[Tensor] = None,
+                spatial_scale: Optional[Union[float, Sequence[float]]] = None) -> Tensor:
         """``features`` L maps ``(B, C_l, H_l, W_l)``; ``boxes`` ``(R, 5)`` rows
         ``(batch_index, x1, y1, x2, y2)`` or a list of ``(R_b, 4)``, in pixels of the image of
-        ``image_size = (H, W)``; ``labels`` ``(R,)`` int64 with ``num_classes``.
-        Returns ``(R, M, oh, ow)``."""
+        ``image_size = (H, W)`` (or, instead, maps that are ``spatial_scale`` times the image, one
+        float or one per layer, as in :func:`fused_hypercolumn`); ``labels`` ``(R,)`` int64 with
+        ``num_classes``. Returns ``(R, M, oh, ow)``."""
         return fused_hypercolumn(features, boxes, list(self.weight), self.bias, output_size=self.output_size,
-                                 image_size=image_size, labels=labels, activation=self.activation,
-                                 padding=self.padding)
+                                 image_size=image_size, spatial_scale=spatial_scale, labels=labels,
+                                 activation=self.activation, padding=self.padding)
 
-    def forward_points(self, features: Sequence[Tensor], points: Tensor, image_size: Sequence[int],
-                       locations: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+    def forward_points(self, features: Sequence[Tensor], points: Tensor, image_size: Optional[Sequence[int]] = None,
+                       locations: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                       spatial_scale: Optional[Union[float, Sequence[float]]] = None) -> Tensor:
         """``points`` ``(N, 3)`` rows ``(batch_index, x, y)`` in image pixels; ``locations``
         ``(N, 2)`` rows ``(u, v)`` in ``[0, 1]`` (the point's place in its box, needed when
-        ``grid_size > 1``); ``labels`` ``(N,)``. Returns ``(N, M)``."""
+        ``grid_size > 1``); ``labels`` ``(N,)``; ``image_size`` or ``spatial_scale`` as in
+        :meth:`forward`. Returns ``(N, M)``."""
         return fused_hypercolumn_points(features, points, list(self.weight), self.bias, locations=locations,
-                                        image_size=image_size, labels=labels, activation=self.activation,
-                                        padding=self.padding)
+                                        image_size=image_size, spatial_scale=spatial_scale, labels=labels,
+                                        activation=self.activation, padding=self.padding)
 
 
 class NaiveHypercolumnHead(_HypercolumnClassifier):

@@ -141,6 +141,24 @@ def test_points_match_naive(backend, num_classes):
             assert ((out[:, 0] - expected[:, 0]).abs() <= bound + 1e-12).all()  # 1e-12: as EXACT
 
 
+def test_head_takes_spatial_scale_instead_of_image_size():
+    """Maps of 8 x 10 and 4 x 5 of a 32 x 40 image are 1/4 and 1/8 of it: the same head call
+    either way, boxes and points."""
+    torch.manual_seed(0)
+    head = HypercolumnHead([3, 2], 2, grid_size=2, output_size=(3, 4)).double()
+    features = [torch.randn(1, 3, 8, 10, dtype=torch.float64), torch.randn(1, 2, 4, 5, dtype=torch.float64)]
+    boxes = torch.tensor([[0, 1.0, 2.0, 30.0, 25.0]], dtype=torch.float64)
+    points = torch.tensor([[0, 3.5, 7.0], [0, 39.0, 0.5]], dtype=torch.float64)
+    locations = torch.tensor([[0.1, 0.2], [0.9, 0.5]], dtype=torch.float64)
+    # The two give the same scales, so the same kernels run on the same values.
+    torch.testing.assert_close(head(features, boxes, spatial_scale=[1 / 4, 1 / 8]),
+                               head(features, boxes, image_size=(32, 40)), rtol=0, atol=0)
+    torch.testing.assert_close(head.forward_points(features, points, locations=locations, spatial_scale=[1 / 4, 1 / 8]),
+                               head.forward_points(features, points, (32, 40), locations), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        head(features, boxes)
+
+
 def test_state_dict_is_shared_both_ways():
     fused = HypercolumnHead(CHANNELS, 4, num_classes=2)
     naive = NaiveHypercolumnHead(CHANNELS, 4, num_classes=2)
