@@ -85,6 +85,23 @@ def test_tall_box_grids_match_reference_float64(order):
     assert_order_matches_reference(case, order)
 
 
+@pytest.mark.parametrize("grid, outputs", [(2, 3), (5, 23)], ids=["Q12", "Q575"])
+def test_projection_of_nchw_maps_both_product_orders_float64(grid, outputs):
+    # The CPU projection of an NCHW map multiplies weights @ features and transposes while the
+    # score channels Q are at most a quarter of the feature channels C, else features @ weights.T
+    # (project_scores in csrc/cpu/fused_kernel.cpp). C = 60 and 3: Q = 12 takes the first on the
+    # wide layer and the second on the narrow one; Q = 575 the second on both, in two column
+    # blocks of at most 512 (kGemmColumns), the last one partial.
+    g = torch.Generator().manual_seed(7)
+    shapes = ((60, 9, 11), (3, 4, 5))
+    f = features(torch.float64, "cpu", "contiguous", g, True, shapes=shapes)
+    w = classifier(grid, outputs, None, torch.float64, "cpu", g, True, shapes=shapes)
+    bias = torch.randn(grid * grid, outputs, generator=g, dtype=torch.float64).requires_grad_(True)
+    case = Case("fused_hypercolumn", (f, boxes(4, torch.float32, "cpu", g), w, bias),
+                dict(output_size=(5, 6), image_size=IMAGE), f"Q{grid * grid * outputs}")
+    assert_order_matches_reference(case, "project_scores")
+
+
 def assert_order_matches_reference(case, order):
     """A fused case with every layer in ``order`` (a key of ORDERS): native against the reference
     in float64, output and gradients."""

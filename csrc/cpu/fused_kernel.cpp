@@ -212,9 +212,12 @@ at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight_ro
   const at::Tensor rows = scores.view({batch * height * width, channels});
   const std::vector<PixelRun> runs = pixel_runs(feature, kGemmPixels);
   const int64_t column_blocks = (channels + kGemmColumns - 1) / kGemmColumns;
-  // With channel planes far apart (NCHW), weight_rows @ features (Q x pixels) is the product
-  // MKL runs fastest (1.8x on the sds layers: it does not repack the features), transposed into
-  // the map afterwards; with channels contiguous (channels_last), features @ weight_rows.T.
+  // With channel planes far apart (NCHW) and few score channels next to the feature channels,
+  // weight_rows @ features (Q x pixels) is the product MKL runs fastest (1.8x on the sds layers:
+  // it does not repack the features), transposed into the map afterwards. The transposition
+  // costs pixels x Q, the repacking pixels x C: with Q above C / 4 (one tile of 256 pixels, one
+  // thread: 0.75-0.87x at C = 128-256, Q = 128-512) and with channels contiguous
+  // (channels_last), features @ weight_rows.T.
   const bool planar = feature.stride(1) > (feature.size(3) == 1 ? feature.stride(2) : feature.stride(3));
   run_items(static_cast<int64_t>(runs.size()) * column_blocks, [&](int64_t item) {
     const PixelRun& run = runs[item / column_blocks];
@@ -223,7 +226,7 @@ at::Tensor project_scores(const at::Tensor& feature, const at::Tensor& weight_ro
     at::Tensor out = run_rows(rows, feature, run).narrow(1, q0, q1 - q0);
     const at::Tensor pixels = as_dtype(run_matrix(feature, run, 0, feature.size(1)), scores.scalar_type());
     const at::Tensor columns = weight_rows.narrow(0, q0, q1 - q0);
-    if (planar) {
+    if (planar && 4 * (q1 - q0) <= feature.size(1)) {
       out.copy_(at::mm(columns, pixels.t()).t());
     } else {
       at::mm_out(out, pixels, columns.t());
