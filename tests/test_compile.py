@@ -97,6 +97,28 @@ def test_compiled_model_follows_changing_box_and_point_counts(backend):
     assert counter.frame_count == 2
 
 
+def dynamic_export(strict=False):
+    """``Heads`` exported with dynamic box and point counts: (model, its features, the program)."""
+    model = Heads()
+    features, boxes, points, locations = inputs(0)
+    features = [f.detach() for f in features]
+    boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
+    shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
+              "locations": {0: points_count}}
+    program = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes, strict=strict)
+    return model, features, program
+
+
+def assert_equal_to_eager_at_other_counts(run, model, features, seed):
+    g = torch.Generator().manual_seed(seed)
+    for count in (1, 7, 40):
+        boxes, points, locations = counted_rows(count, count + 2, g)
+        # Both evaluation orders are exact and eager may pick the other one; inductor may add the
+        # four sums in another order: float64 rounding apart.
+        torch.testing.assert_close(run(features, boxes, points, locations), model(features, boxes, points, locations),
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.skipif(
     not hasattr(torch.compiler, "is_exporting"), reason="strict export with dynamic counts needs "
     "torch.compiler.is_exporting (torch 2.6 and newer)"))], ids=["non-strict", "strict"])
@@ -106,25 +128,12 @@ def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
     per-layer evaluation order is chosen without looking at the counts
     (planning.many_points_order), so export adds no constraint on them; the exported program, saved
     and loaded again, then runs other counts."""
-    model = Heads()
-    features, boxes, points, locations = inputs(0)
-    features = [f.detach() for f in features]
-    boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
-    shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
-              "locations": {0: points_count}}
     with hypercolumn_ops.use_backend(backend):
-        exported = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes,
-                                       strict=strict)
+        model, features, exported = dynamic_export(strict)
         saved = io.BytesIO()
         torch.export.save(exported, saved)
         saved.seek(0)
-        exported = torch.export.load(saved)
-        g = torch.Generator().manual_seed(6)
-        for count in (1, 7, 40):
-            boxes, points, locations = counted_rows(count, count + 2, g)
-            # Both evaluation orders are exact; eager may pick the other one: float64 rounding apart.
-            torch.testing.assert_close(exported.module()(features, boxes, points, locations),
-                                       model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)
+        assert_equal_to_eager_at_other_counts(torch.export.load(saved).module(), model, features, 6)
 
 
 @pytest.mark.skipif("native" not in hypercolumn_ops.available_backends("cpu"), reason="needs the compiled extension")
@@ -134,19 +143,7 @@ def test_aot_inductor_package_with_a_dynamic_number_of_boxes_and_points(tmp_path
     """AOTInductor compiles the exported model (all four operators, dynamic counts) into a
     package; loaded again, it runs other counts equal to eager. (tools/aoti_check.py runs such a
     package from C++ in CI.)"""
-    model = Heads()
-    features, boxes, points, locations = inputs(0)
-    features = [f.detach() for f in features]
-    boxes_count, points_count = torch.export.Dim("R", min=1, max=4096), torch.export.Dim("N", min=1, max=4096)
-    shapes = {"features": [None] * len(features), "boxes": {0: boxes_count}, "points": {0: points_count},
-              "locations": {0: points_count}}
     with torch.no_grad():
-        exported = torch.export.export(model, (features, boxes, points, locations), dynamic_shapes=shapes)
+        model, features, exported = dynamic_export()
         package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "heads.pt2"))
-        loaded = torch._inductor.aoti_load_package(package)
-        g = torch.Generator().manual_seed(7)
-        for count in (1, 7, 40):
-            boxes, points, locations = counted_rows(count, count + 2, g)
-            # The operators' kernels are eager's; inductor may add the four sums in another order.
-            torch.testing.assert_close(loaded(features, boxes, points, locations),
-                                       model(features, boxes, points, locations), rtol=1e-12, atol=1e-12)
+        assert_equal_to_eager_at_other_counts(torch._inductor.aoti_load_package(package), model, features, 7)
