@@ -120,7 +120,6 @@ class HypercolumnFeatures(nn.Module):
                    [2 ** (i + 1) for i in range(len(widths))])
 
 
-
 class MaskRCNNHypercolumnHead(nn.Module):
     """The mask branch of torchvision's Mask R-CNN as one hypercolumn classifier: per box, a
     ``K x K`` grid of location-specific classifiers over the hypercolumn of all the chosen
@@ -148,7 +147,8 @@ class MaskRCNNHypercolumnHead(nn.Module):
     logits, boxes in image order. Each level's scale is a power of two, inferred from the
     largest image as ``torchvision.ops.MultiScaleRoIAlign`` does. The grid samples at pixel
     centres (``roi_align(aligned=True)``), where torchvision projects its mask targets with
-    ``aligned=False``: half a pixel apart, far below a 28 x 28 cell of any box.
+    ``aligned=False``: half an image pixel apart, a small part of a mask cell unless the box is
+    only a few tens of pixels across.
     """
 
     def __init__(self, in_channels: Union[int, Sequence[int]], num_classes: int,

@@ -170,3 +170,19 @@ def test_mask_rcnn_benchmark_runs_and_reports(tmp_path, monkeypatch):
         (method, mode) for mode in ("forward", "forward+backward") for method in benchmark.METHODS]
     assert all(row["median_ms"] > 0 and row["peak_bytes"] >= 0 for row in report["rows"])
     assert (tmp_path / "mask_rcnn.md").read_text().count("| forward") == 6
+
+
+def test_mask_rcnn_creatures_example_trains_and_evaluates(tmp_path, monkeypatch):
+    """examples/mask_rcnn_creatures.py, two steps of the class-agnostic head: the metrics it
+    reports are fractions and the table is written."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    example = importlib.import_module("mask_rcnn_creatures")
+    results = example.main(["--branches", "hypercolumn-agnostic", "--steps", "2", "--batch-size", "2",
+                            "--val-images", "3", "--quiet", "--out", str(tmp_path / "table.md")])
+    row = results["hypercolumn-agnostic"]
+    assert all(0 <= row[key] <= 1 for key in ("AP^r 0.5", "AP^r 0.7", "mask IoU in true boxes"))
+    assert row["step ms"] > 0
+    assert "| hypercolumn-agnostic |" in (tmp_path / "table.md").read_text()
