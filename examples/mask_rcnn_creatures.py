@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hypercolumn_ops.models import use_hypercolumn_masks  # noqa: E402
 from hypercolumn_ops.tasks import MaskAveragePrecision  # noqa: E402
-from train_hypercolumns import NUM_CLASSES, render  # noqa: E402
+from train_hypercolumns import NUM_CLASSES, SyntheticCreatures, render  # noqa: E402
 
 BRANCHES = ("torchvision", "hypercolumn", "hypercolumn-agnostic")
 
@@ -53,8 +53,8 @@ def build(branch: str, size: int) -> nn.Module:
     return model
 
 
-def sample(seed: int, size: int):
-    item = render(seed, size)
+def detection_pair(item: Dict[str, torch.Tensor]):
+    """A rendered image and its objects as torchvision's detection models take them."""
     target = {"boxes": item["boxes"], "labels": item["labels"] + 1, "masks": item["masks"].to(torch.uint8)}
     return item["image"], target
 
@@ -77,8 +77,8 @@ def evaluate(model: nn.Module, args) -> Dict[str, float]:
     metric = MaskAveragePrecision(NUM_CLASSES)
     intersection = union = 0.0
     for first in range(0, args.val_images, args.batch_size):
-        pairs = [sample(10_000_000 + i, args.image_size) for i in range(first, min(first + args.batch_size,
-                                                                                     args.val_images))]
+        pairs = [detection_pair(render(10_000_000 + i, args.image_size))
+                 for i in range(first, min(first + args.batch_size, args.val_images))]
         images, targets = [p[0] for p in pairs], [p[1] for p in pairs]
         for found, target in zip(model(images), targets):
             metric.update(found["masks"][:, 0] >= 0.5, found["scores"], found["labels"] - 1, target["masks"],
@@ -98,11 +98,11 @@ def train(branch: str, args) -> Dict[str, float]:
     model.train()
     optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     warmup = torch.optim.lr_scheduler.LinearLR(optimiser, start_factor=0.01, total_iters=min(100, args.steps))
+    data = SyntheticCreatures(args.steps * args.batch_size, args.seed, args.image_size)
     times = []
     progress = tqdm(range(args.steps), desc=branch, disable=args.quiet)
     for step in progress:
-        pairs = [sample(args.seed * 1_000_003 + step * args.batch_size + i, args.image_size)
-                 for i in range(args.batch_size)]
+        pairs = [detection_pair(data[step * args.batch_size + i]) for i in range(args.batch_size)]
         begin = time.perf_counter()
         losses = model([p[0] for p in pairs], [p[1] for p in pairs])
         loss = sum(losses.values())
