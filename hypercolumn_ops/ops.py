@@ -506,8 +506,16 @@ def normalise_fused_hypercolumn_points(features, points, weights, bias=None, *, 
             _check_activation(activation), orders)
 
 
-# torch.compiler.is_exporting came with torch 2.6; before it, only non-strict export is told apart.
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+if hasattr(torch.compiler, "is_exporting"):
+    _is_exporting = torch.compiler.is_exporting
+else:
+    # torch.compiler.is_exporting came with torch 2.6. In torch 2.4 and 2.5, torch.export keeps
+    # its flags in this module global while it runs (None otherwise); strict export, which is
+    # their default, needs the answer (see _orders).
+    import torch.export._trace as _export_trace
+
+    def _is_exporting() -> bool:
+        return getattr(_export_trace, "_EXPORT_FLAGS", None) is not None
 
 
 def _concrete(num_points, shapes) -> bool:

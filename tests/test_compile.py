@@ -119,9 +119,7 @@ def assert_equal_to_eager_at_other_counts(run, model, features, seed):
                                    rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not hasattr(torch.compiler, "is_exporting"), reason="strict export with dynamic counts needs "
-    "torch.compiler.is_exporting (torch 2.6 and newer)"))], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
 def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
     """torch.export of a model whose box and point counts are dynamic: while exporting, the
