@@ -524,8 +524,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(args.out, exist_ok=True)
 
     def write(report: Dict) -> str:
-        with open(os.path.join(args.out, "results.json"), "w") as file:
+        # Written beside, then renamed: a step stopped by its time limit mid-write leaves the
+        # previous complete file, never a truncated one.
+        path = os.path.join(args.out, "results.json")
+        with open(path + ".partial", "w") as file:
             json.dump(report, file, indent=1)
+        os.replace(path + ".partial", path)
         text = markdown(report)
         with open(os.path.join(args.out, "results.md"), "w") as file:
             file.write(text)

@@ -291,4 +291,7 @@ def test_task_losses_inside_the_region(device):
             inside = loss()
         outside = loss()
         assert inside.dtype == torch.float32
-        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+        # Equal bits on the CPU. On CUDA, cross_entropy over maps (nll_loss2d) adds its blocks'
+        # sums with atomics, in any order: float32 rounding apart.
+        exact = device == "cpu"
+        torch.testing.assert_close(inside, outside, rtol=0 if exact else None, atol=0 if exact else None)
