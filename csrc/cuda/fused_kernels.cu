@@ -534,12 +534,14 @@ bool cublas_reproducible() {
   return config != nullptr && (std::string(config) == ":4096:8" || std::string(config) == ":16:8");
 }
 
-// Order 1 needs a dense map that cuBLAS can read as a matrix in place, and, in deterministic mode,
-// a reproducible cuBLAS; both orders are exact, so falling back to order 0 changes no result.
+// Order 1 needs a dense map of at least one channel that cuBLAS can read as a matrix in place,
+// and, in deterministic mode, a reproducible cuBLAS; both orders are exact, so falling back to
+// order 0 changes no result.
 int64_t effective_order(int64_t requested, const at::Tensor& feature) {
   if (requested != kOrderProjectScores) return kOrderSampleFeatures;
   if (at::globalContext().deterministicAlgorithms() && !cublas_reproducible()) return kOrderSampleFeatures;
-  if (feature.size(0) == 0 || !feature.is_non_overlapping_and_dense() || !pixel_matrix(feature).defined()) {
+  if (feature.size(0) == 0 || feature.size(1) == 0 || !feature.is_non_overlapping_and_dense() ||
+      !pixel_matrix(feature).defined()) {
     return kOrderSampleFeatures;
   }
   return kOrderProjectScores;

@@ -278,7 +278,7 @@ class FusedOp:
     def projected_scores(self, layer: int) -> Tensor:
         """Score map ``(B, NC * KK * M, H, W)`` of a project-scores layer: a 1x1 convolution."""
         feature, weight = self.features[layer], self.weights[layer]
-        return torch.einsum("qc,bchw->bqhw", weight.reshape(-1, weight.shape[-1]), feature)
+        return torch.einsum("qc,bchw->bqhw", weight.flatten(0, -2), feature)
 
     def cell_scores(self) -> Tensor:
         """``(P, 4, M)`` scores (without bias) of each point's <= 4 cells, summed over layers."""
@@ -380,7 +380,7 @@ class FusedOp:
         else:
             scatter_to_taps(entries, p, target, channels, kernels.SCORE_MAP_GRADS, cell_grads=cell_grads)
         score_grad = target.to(feature.dtype)
-        matrix = weight.reshape(-1, weight.shape[-1])
+        matrix = weight.flatten(0, -2)
         grad_feature = torch.einsum("qc,bqhw->bchw", matrix, score_grad)
         grad_weight = torch.einsum("bqhw,bchw->qc", score_grad, feature)
         return grad_feature, grad_weight
