@@ -6,9 +6,9 @@ deterministic backward (box grids gathered per pixel and sorted), float32 and fl
 channels_last loads), both tiles of the fused kernel (M = 2 and M = 33), the projections of small
 NCHW maps and their gradients (project_scores_in_kernels, project_grads_in_kernels), and rows
 that must not be read: a batch index out of range, a non-integer one, a NaN coordinate, an
-invalid label, points far outside the image; and the value check (`index_values_valid`) on
-batch-index columns read in place, labels, and an empty column. It checks no values (the tests
-do); it exits 0 when every call returned.
+invalid label, points far outside the image, a batch of no images; and the value check
+(`index_values_valid`) on batch-index columns read in place, labels, and an empty column. It
+checks no values (the tests do); it exits 0 when every call returned.
 """
 
 import torch
@@ -81,6 +81,22 @@ def run_all(dtype):
     args = list(public.normalise_fused_hypercolumn(maps, boxes, small, output_size=(4, 5), image_size=IMAGE))
     args[-1] = [1] * len(maps)
     backward(ops.fused_hypercolumn(*args), maps + small)
+    # A batch of no images (B = 0): every row's batch index is invalid and the maps hold nothing.
+    empty = [f.detach()[:0].requires_grad_(True) for f in features]
+    plain = [(0.1 * torch.randn(grid * grid, outputs, f.shape[1])).to(dtype).cuda().requires_grad_(True)
+             for f in features]
+    args = public.normalise_sparse_hypercolumn(empty, points, image_size=IMAGE)
+    backward(ops.sparse_hypercolumn(*args), empty)
+    args = public.normalise_box_hypercolumn(empty, boxes, (4, 5), image_size=IMAGE)
+    backward(ops.box_hypercolumn(*args), empty)
+    for order in (0, 1):
+        args = list(public.normalise_fused_hypercolumn(empty, boxes, plain, output_size=(4, 5), image_size=IMAGE))
+        args[-1] = [order] * len(empty)
+        backward(ops.fused_hypercolumn(*args), empty + plain)
+        args = list(public.normalise_fused_hypercolumn_points(empty, points, plain, locations=locations,
+                                                              image_size=IMAGE))
+        args[-1] = [order] * len(empty)
+        backward(ops.fused_hypercolumn_points(*args), empty + plain)
 
 
 def run_index_checks():

@@ -74,6 +74,7 @@ def check_case(ops, case: cases.Case, order) -> None:
         assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
 
+
 def block_path_cases(dtype, device) -> List[cases.Case]:
     """Sampling cases for the block shapes of the CUDA forward kernels that the shared cases miss
     (their layers have 3 to 7 channels of odd counts):
@@ -319,6 +320,35 @@ def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> No
             torch.testing.assert_close(everything[0][keep], subset[0], rtol=RTOL64, atol=ATOL64)
             for a, b in zip(everything[1], subset[1]):
                 torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
+    finally:
+        hypercolumn_ops.set_value_checks(True)
+
+
+def check_empty_batch(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
+    """A batch of no images (B = 0) with points and boxes, the value checks off: every row's batch
+    index is out of range, so every output is NaN, and no kernel reads the empty maps, forward or
+    backward. NCHW maps of 70 channels (more than a block of the sampling kernels takes) and
+    channels_last ones; ``call(case)`` runs a case on the kernels under test."""
+    g = torch.Generator().manual_seed(9)
+    shapes = ((70, 6, 7), (3, 3, 4))
+    points = cases.points(4, torch.float32, device, g, batch=1)
+    boxes = cases.boxes(3, torch.float32, device, g, batch=1)
+    hypercolumn_ops.set_value_checks(False)
+    try:
+        for layout in ("contiguous", "channels_last"):
+            f = cases.features(torch.float64, device, layout, g, requires_grad=True, shapes=shapes, batch=0)
+            w = cases.classifier(3, 2, None, torch.float64, device, g, requires_grad=True, shapes=shapes)
+            scale = {"image_size": cases.IMAGE}
+            for case in (cases.Case("sparse_hypercolumn", (f, points), scale),
+                         cases.Case("box_hypercolumn", (f, boxes, (3, 2)), scale),
+                         cases.Case("fused_hypercolumn", (f, boxes, w), dict(output_size=(3, 2), **scale)),
+                         cases.Case("fused_hypercolumn_points", (f, points, w),
+                                    dict(locations=torch.rand(len(points), 2, generator=g).to(device), **scale))):
+                out, grads = forward_and_grads(lambda: call(case), list(f) + list(w))
+                assert out.shape[0] == (len(points) if "points" in case.op or case.op.startswith("sparse")
+                                        else len(boxes)), (case.op, layout, out.shape)
+                assert torch.isnan(out).all(), (case.op, layout)
+                assert all(not grad.any() for grad in grads), (case.op, layout)
     finally:
         hypercolumn_ops.set_value_checks(True)
 

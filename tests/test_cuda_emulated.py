@@ -16,10 +16,10 @@ import torch
 import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
-from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_deterministic_paths, check_index_values_valid, check_invalid_rows, check_score_bins,
-                           check_score_products, deterministic_algorithms, forward_and_grads, run_in_order,
-                           block_path_cases)
+from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases, check_bias_segments,
+                           check_deterministic_paths, check_empty_batch, check_index_values_valid, check_invalid_rows,
+                           check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
+                           run_in_order)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -83,6 +83,11 @@ def test_emulated_cuda_kernels_low_precision(index, order, dtype):
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_emulated_invalid_rows_give_nan_and_no_gradient(order, deterministic):
     check_invalid_rows("cpu", lambda case: run_in_order(case, EMULATED, order if case.op.startswith("fused") else None))
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_emulated_empty_batch_gives_nan(order, deterministic):
+    check_empty_batch("cpu", lambda case: run_in_order(case, EMULATED, order if case.op.startswith("fused") else None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)

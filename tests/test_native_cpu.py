@@ -10,7 +10,7 @@ import hypercolumn_ops
 from hypercolumn_ops import ops, reference
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
-from kernel_checks import check_double_backward_raises, check_index_values_valid
+from kernel_checks import check_double_backward_raises, check_empty_batch, check_index_values_valid, run_in_order
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -330,6 +330,12 @@ def check_bad_rows(out, clean, rows):
     """Rows [:rows] equal the call without the bad points; the rest are all NaN."""
     torch.testing.assert_close(out[:rows], clean, rtol=0, atol=0)
     assert torch.isnan(out[rows:]).all()
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_empty_batch_gives_nan(order):
+    check_empty_batch("cpu", lambda case: run_in_order(case, torch.ops.hypercolumn_ops,
+                                                       order if case.op.startswith("fused") else None))
 
 
 @pytest.mark.parametrize("padding", [0, 1])

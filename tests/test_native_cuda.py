@@ -16,10 +16,10 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
-from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, check_bias_segments,
-                           check_cuda_graph, check_deterministic_paths, check_index_values_valid, check_invalid_rows,
-                           check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
-                           run_in_order, block_path_cases)
+from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases,
+                           check_bias_segments, check_cuda_graph, check_deterministic_paths, check_empty_batch,
+                           check_index_values_valid, check_invalid_rows, check_score_bins, check_score_products,
+                           deterministic_algorithms, forward_and_grads, run_in_order)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -184,6 +184,12 @@ def test_invalid_rows_give_nan_and_no_gradient():
             return case()
 
     check_invalid_rows("cuda", native)
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+def test_empty_batch_gives_nan(order):
+    check_empty_batch("cuda", lambda case: run_in_order(case, torch.ops.hypercolumn_ops,
+                                                        order if case.op.startswith("fused") else None))
 
 
 def test_bad_arguments_name_the_argument():

@@ -17,7 +17,7 @@ import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import ops as api  # noqa: E402
 from hypercolumn_ops.planning import PROJECT_SCORES, SAMPLE_FEATURES  # noqa: E402
 from kernel_checks import (GRAPH_CASES, check_bias_segments, check_cuda_graph,  # noqa: E402
-                           check_double_backward_raises, deterministic_algorithms)
+                           check_double_backward_raises, check_empty_batch, deterministic_algorithms)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
@@ -158,6 +158,14 @@ def test_invalid_points_give_nan_without_reading_out_of_bounds():
     assert torch.isnan(fused[1:]).all()
 
 
+def test_empty_batch_gives_nan():
+    def triton(case):
+        with hypercolumn_ops.use_backend("triton"):
+            return case()
+
+    check_empty_batch(DEVICE, triton)
+
+
 def _normalised(case):
     return getattr(api, "normalise_" + case.op)(*case.args, **case.kwargs)
 
@@ -229,3 +237,4 @@ def test_double_backward_raises():
 def test_cuda_graph(op, enabled):
     with deterministic_algorithms(enabled):
         check_cuda_graph("triton", op)
+

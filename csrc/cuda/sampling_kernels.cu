@@ -177,6 +177,10 @@ void sample_forward(at::TensorList features, const at::Tensor& rows, int64_t gri
                     int64_t num_points, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                     int64_t padding, const at::Tensor& out) {
   if (num_points == 0) return;
+  if (features[0].size(0) == 0) {  // no image: every row's batch index is invalid, and the maps hold nothing to read
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
   const auto stream = at::cuda::getCurrentCUDAStream();
   const OutputStrides strides = output_strides(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sample_forward", [&] {
