@@ -650,6 +650,8 @@ constexpr int64_t kProjectElements = int64_t(1) << 22;
 constexpr int kWeightGradPixels = 128;
 constexpr int kWeightGradChannels = 32;
 constexpr int kWeightGradThreads = 256;
+// Tiles of the weight gradient at most: project_sum_kernel adds a value's tiles one after another.
+constexpr int64_t kWeightGradTiles = 1024;
 
 // A (B, H*W, C) pixel matrix (pixel_matrix) as the projection kernels see it: pixel p of the
 // B * H*W runs over the images in turn, any strides.
@@ -750,10 +752,17 @@ void sum_chunks(const at::Tensor& partial, const at::Tensor& out) {
 }
 
 // Whether project_scores_in_kernels makes the score map of `pixels` (B, H*W, C) and `outputs`
-// score channels (and project_grads_in_kernels its gradients).
+// score channels.
 bool small_projection(const at::Tensor& pixels, int64_t outputs) {
   return pixels.stride(1) == 1 && outputs <= kProjectOutputs && pixels.numel() <= kProjectElements &&
          pixels.size(2) <= 65535 * int64_t(kWeightGradChannels);  // the weight gradient's grid y
+}
+
+// Whether project_grads_in_kernels makes the gradients of such a projection: a small one of at
+// most kWeightGradTiles tiles of pixels (a large map of few channels goes to cuBLAS instead).
+bool small_projection_grads(const at::Tensor& pixels, int64_t outputs) {
+  return small_projection(pixels, outputs) &&
+         ceil_div(pixels.size(0) * pixels.size(1), int64_t(kWeightGradPixels)) <= kWeightGradTiles;
 }
 
 at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor& weight_matrix) {
@@ -851,7 +860,9 @@ __global__ void __launch_bounds__(kWeightGradThreads)
       if (t < pixel_count) {
         const acc_t value = static_cast<acc_t>(column[i][c * pixels.stride_c]);
 #pragma unroll
-        for (int o = 0; o < kProjectOutputs; ++o) sums[o] += value * g[t][o];
+        for (int o = 0; o < kProjectOutputs; ++o) {
+          if (o < outputs) sums[o] += value * g[t][o];
+        }
       }
     }
 #pragma unroll
@@ -864,9 +875,9 @@ __global__ void __launch_bounds__(kWeightGradThreads)
   }
 }
 
-// The feature and weight gradients of a small projection (small_projection), from the score-map
-// gradient (B, H*W, O) in the accumulation type: grad_pixels (B, H*W, C) filled, and the weight
-// gradient (O, C) returned in the weights' dtype. Every value is summed in a fixed order.
+// The feature and weight gradients of a small projection (small_projection_grads), from the
+// score-map gradient (B, H*W, O) in the accumulation type: grad_pixels (B, H*W, C) filled, and the
+// weight gradient (O, C) returned in the weights' dtype. Every value is summed in a fixed order.
 at::Tensor project_grads_in_kernels(const at::Tensor& score_grad, const at::Tensor& pixels,
                                     const at::Tensor& weight_matrix, const at::Tensor& grad_pixels) {
   const int64_t num_pixels = pixels.size(0) * pixels.size(1), channels = pixels.size(2);
@@ -1098,7 +1109,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
         grad_features[l] = at::empty_like(f);
         at::Tensor grad_pixels = pixel_matrix(grad_features[l]);
         const at::Tensor pixels = pixel_matrix(f);
-        if (small_projection(pixels, score_rows)) {
+        if (small_projection_grads(pixels, score_rows)) {
           grad_weights[l] =
               product_weight_grad(l, project_grads_in_kernels(score_grad, pixels, weight_matrix, grad_pixels));
           continue;
