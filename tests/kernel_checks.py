@@ -5,6 +5,7 @@ bias-gradient check."""
 
 import contextlib
 import math
+import os
 from typing import Callable, List
 
 import pytest
@@ -15,6 +16,7 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
+import random_cases
 
 # float64 kernels differ from the float64 reference only in the order of their sums (atomics,
 # warp reductions, cuBLAS for projected layers): ~1e-15 relative, 1e-9 leaves room for cancellation.
@@ -73,6 +75,21 @@ def check_case(ops, case: cases.Case, order) -> None:
         again = forward_and_grads(lambda: run_in_order(case, ops, order), inputs)
         assert_all_close(again, actual, 0.0, 0.0, f"{case} order {order} run to run")
 
+
+def random_seeds(default: int) -> List[int]:
+    """Seeds of ``random_cases.random_case`` for a test: ``default`` of them, or as many as
+    HYPERCOLUMN_OPS_RANDOM_CASES says (a longer search: HYPERCOLUMN_OPS_RANDOM_CASES=5000)."""
+    return list(range(int(os.environ.get("HYPERCOLUMN_OPS_RANDOM_CASES", default))))
+
+
+def check_random_case(ops, seed: int, device, **limits) -> None:
+    """``random_cases.random_case(seed, **limits)`` through ``ops`` (an operator namespace) against
+    the reference in float64, output and gradients, a fused operator in each evaluation order; odd
+    seeds under deterministic algorithms, where a second run must give the same bits."""
+    case = random_cases.random_case(seed, device=device, **limits)
+    with deterministic_algorithms(seed % 2 == 1):
+        for order in ((0, 1) if case.op.startswith("fused") else (None,)):
+            check_case(ops, case, order)
 
 
 def block_path_cases(dtype, device) -> List[cases.Case]:

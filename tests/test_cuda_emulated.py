@@ -18,8 +18,8 @@ from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases, check_bias_segments,
                            check_deterministic_paths, check_empty_batch, check_index_values_valid, check_invalid_rows,
-                           check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
-                           run_in_order)
+                           check_random_case, check_score_bins, check_score_products, deterministic_algorithms,
+                           forward_and_grads, random_seeds, run_in_order)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -146,3 +146,8 @@ def test_emulated_score_bins():
 
 def test_emulated_index_values_valid():
     check_index_values_valid(EMULATED, "cpu")
+
+
+@pytest.mark.parametrize("seed", random_seeds(24))
+def test_emulated_random_cases_match_reference(seed):
+    check_random_case(EMULATED, seed, "cpu")

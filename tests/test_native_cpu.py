@@ -10,7 +10,8 @@ import hypercolumn_ops
 from hypercolumn_ops import ops, reference
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
-from kernel_checks import check_double_backward_raises, check_empty_batch, check_index_values_valid, run_in_order
+from kernel_checks import (check_double_backward_raises, check_empty_batch, check_index_values_valid,
+                           check_random_case, random_seeds, run_in_order)
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -474,3 +475,8 @@ def test_double_backward_raises():
 
 def test_index_values_valid():
     check_index_values_valid(torch.ops.hypercolumn_ops, "cpu")
+
+
+@pytest.mark.parametrize("seed", random_seeds(200))
+def test_random_cases_match_reference_float64(seed):
+    check_random_case(torch.ops.hypercolumn_ops, seed, "cpu")

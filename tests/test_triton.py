@@ -17,7 +17,8 @@ import hypercolumn_ops  # noqa: E402
 from hypercolumn_ops import ops as api  # noqa: E402
 from hypercolumn_ops.planning import PROJECT_SCORES, SAMPLE_FEATURES  # noqa: E402
 from kernel_checks import (GRAPH_CASES, check_bias_segments, check_cuda_graph,  # noqa: E402
-                           check_double_backward_raises, check_empty_batch, deterministic_algorithms)
+                           check_double_backward_raises, check_empty_batch, check_random_case,
+                           deterministic_algorithms, random_seeds)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
@@ -238,3 +239,12 @@ def test_cuda_graph(op, enabled):
     with deterministic_algorithms(enabled):
         check_cuda_graph("triton", op)
 
+
+
+# Fewer and smaller than the compiled backends' random cases: the interpreter takes seconds per
+# case, and on a GPU each new shape may compile new kernel variants.
+@pytest.mark.parametrize("seed", random_seeds(12))
+def test_random_cases_match_reference(seed):
+    from hypercolumn_ops import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
+
+    check_random_case(torch.ops.hypercolumn_ops_triton, seed, DEVICE, max_values=2000, max_rows=12)
