@@ -362,8 +362,7 @@ def check_empty_batch(device, call: Callable[[cases.Case], torch.Tensor]) -> Non
                          cases.Case("fused_hypercolumn_points", (f, points, w),
                                     dict(locations=torch.rand(len(points), 2, generator=g).to(device), **scale))):
                 out, grads = forward_and_grads(lambda: call(case), list(f) + list(w))
-                assert out.shape[0] == (len(points) if "points" in case.op or case.op.startswith("sparse")
-                                        else len(boxes)), (case.op, layout, out.shape)
+                assert out.shape[0] == len(case.args[1]), (case.op, layout, out.shape)  # one per point or box
                 assert torch.isnan(out).all(), (case.op, layout)
                 assert all(not grad.any() for grad in grads), (case.op, layout)
     finally:
