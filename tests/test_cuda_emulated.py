@@ -144,6 +144,15 @@ def test_emulated_score_bins():
     check_score_bins(EMULATED, "cpu")
 
 
+def test_emulated_bias_of_another_dtype_raises():
+    # As the CPU kernels do (the public functions check it first).
+    f = cases.features(torch.float32, "cpu")
+    weights = [torch.zeros(1, 4, 2, c) for c in (3, 5, 7)]
+    with pytest.raises(RuntimeError, match="bias: dtype Half differs from the features' Float"):
+        EMULATED.fused_hypercolumn(f, torch.zeros(4, 5), weights, torch.zeros(4, 4, 2).half(), None, 2, 2,
+                                   [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
+
+
 def test_emulated_index_values_valid():
     check_index_values_valid(EMULATED, "cpu")
 

@@ -210,6 +210,9 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(RuntimeError, match=r"weights\[1\]"):
         ops.fused_hypercolumn(f, torch.zeros(4, 5, device="cuda"), [weights[0], weights[0], weights[2]], None, None,
                               2, 2, [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
+    with pytest.raises(RuntimeError, match="bias: dtype Half differs from the features' Float"):
+        ops.fused_hypercolumn(f, torch.zeros(4, 5, device="cuda"), weights, torch.zeros(4, 4, 2, device="cuda").half(),
+                              None, 2, 2, [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)

@@ -602,7 +602,9 @@ FusedArgs check_fused(at::TensorList features, const at::Tensor& coords, int64_t
                 a.num_rows, ", ", a.cells, ", ", a.outputs, "), got ", bias->sizes());
     TORCH_CHECK(bias->device() == first.device(), "bias: device ", bias->device(), " differs from the features' ",
                 first.device());
-    a.bias = bias->to(first.scalar_type());
+    TORCH_CHECK(bias->scalar_type() == first.scalar_type(), "bias: dtype ", bias->scalar_type(),
+                " differs from the features' ", first.scalar_type());
+    a.bias = *bias;
   }
   if (locations.has_value() && locations->defined()) {
     a.locations = coordinate_rows(*locations, 2, "locations", first);
