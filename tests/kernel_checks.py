@@ -16,6 +16,7 @@ from hypercolumn_ops import ops as public
 from hypercolumn_ops import reference
 
 import cases
+import malformed_calls
 import random_cases
 
 # float64 kernels differ from the float64 reference only in the order of their sums (atomics,
@@ -90,6 +91,21 @@ def check_random_case(ops, seed: int, device, **limits) -> None:
     with deterministic_algorithms(seed % 2 == 1):
         for order in ((0, 1) if case.op.startswith("fused") else (None,)):
             check_case(ops, case, order)
+
+
+def check_malformed_calls(ops, seed: int, device) -> None:
+    """Each call of ``malformed_calls.malformed_calls(seed, device)`` through ``ops`` (an operator
+    namespace), forward then backward: it raises (RuntimeError, ValueError, TypeError or
+    IndexError) or returns; it never brings the process down, and on CUDA never faults (a CUDA
+    error, seen at the synchronisation after each call, fails the test)."""
+    for what, op, args in malformed_calls.malformed_calls(seed, device):
+        try:
+            out = getattr(ops, op)(*args)
+            getattr(ops, op + "_backward")(torch.ones_like(out), *args)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            assert "CUDA error" not in str(error), f"seed {seed}, {op} with {what}: {error}"
 
 
 def block_path_cases(dtype, device) -> List[cases.Case]:

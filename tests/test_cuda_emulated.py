@@ -18,8 +18,8 @@ from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases, check_bias_segments,
                            check_deterministic_paths, check_empty_batch, check_index_values_valid, check_invalid_rows,
-                           check_random_case, check_score_bins, check_score_products, deterministic_algorithms,
-                           forward_and_grads, random_seeds, run_in_order)
+                           check_malformed_calls, check_random_case, check_score_bins, check_score_products,
+                           deterministic_algorithms, forward_and_grads, random_seeds, run_in_order)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -160,3 +160,8 @@ def test_emulated_index_values_valid():
 @pytest.mark.parametrize("seed", random_seeds(24))
 def test_emulated_random_cases_match_reference(seed):
     check_random_case(EMULATED, seed, "cpu")
+
+
+@pytest.mark.parametrize("seed", random_seeds(12))
+def test_emulated_malformed_direct_calls_raise_or_return(seed):
+    check_malformed_calls(EMULATED, seed, "cpu")

@@ -11,7 +11,7 @@ from hypercolumn_ops import ops, reference
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
                    features, fused_cases, points)
 from kernel_checks import (check_double_backward_raises, check_empty_batch, check_index_values_valid,
-                           check_random_case, random_seeds, run_in_order)
+                           check_malformed_calls, check_random_case, random_seeds, run_in_order)
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -480,3 +480,8 @@ def test_index_values_valid():
 @pytest.mark.parametrize("seed", random_seeds(200))
 def test_random_cases_match_reference_float64(seed):
     check_random_case(torch.ops.hypercolumn_ops, seed, "cpu")
+
+
+@pytest.mark.parametrize("seed", random_seeds(100))
+def test_malformed_direct_calls_raise_or_return(seed):
+    check_malformed_calls(torch.ops.hypercolumn_ops, seed, "cpu")

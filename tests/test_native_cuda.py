@@ -18,9 +18,9 @@ from hypercolumn_ops import reference
 import cases
 from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases,
                            check_bias_segments, check_cuda_graph, check_deterministic_paths, check_empty_batch,
-                           check_index_values_valid, check_invalid_rows, check_random_case, check_score_bins,
-                           check_score_products, deterministic_algorithms, forward_and_grads, random_seeds,
-                           run_in_order)
+                           check_index_values_valid, check_invalid_rows, check_malformed_calls, check_random_case,
+                           check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
+                           random_seeds, run_in_order)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -236,3 +236,8 @@ def test_cuda_graph(op, enabled):
 @pytest.mark.parametrize("seed", random_seeds(200))
 def test_random_cases_match_reference(seed):
     check_random_case(torch.ops.hypercolumn_ops, seed, "cuda")
+
+
+@pytest.mark.parametrize("seed", random_seeds(100))
+def test_malformed_direct_calls_raise_or_return(seed):
+    check_malformed_calls(torch.ops.hypercolumn_ops, seed, "cuda")
