@@ -17,6 +17,7 @@ from typing import List
 
 import torch
 
+import cases
 from cases import Case
 
 OPS = ("sparse_hypercolumn", "box_hypercolumn", "fused_hypercolumn", "fused_hypercolumn_points")
@@ -39,21 +40,13 @@ def _features(r: random.Random, g: torch.Generator, batch: int, dtype, device, m
     """-> (feature maps, their layout)."""
     layers = r.choice((1, 1, 2, 3, 3, 4, 6))
     layout = r.choice(("contiguous", "channels_last", "strided"))
-    maps = []
+    shapes = []
     for _ in range(layers):
         channels, height, width = _channels(r), _map_size(r), _map_size(r)
         while channels * height * width * batch > max_values and channels > 1:
             channels = max(1, channels // 2)
-        if layout == "strided":  # every other channel and column of a larger map
-            base = torch.randn(batch, 2 * channels, height, 2 * width + 1, generator=g, dtype=torch.float64)
-            f = base.to(dtype=dtype, device=device)[:, ::2, :, 1::2]
-        else:
-            f = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64).to(dtype=dtype,
-                                                                                                   device=device)
-            if layout == "channels_last":
-                f = f.contiguous(memory_format=torch.channels_last)
-        maps.append(f.requires_grad_(True))
-    return maps, layout
+        shapes.append((channels, height, width))
+    return cases.features(dtype, device, layout, g, requires_grad=True, shapes=shapes, batch=batch), layout
 
 
 def _coordinate(r: random.Random, size: float) -> float:
@@ -128,8 +121,8 @@ def random_case(seed: int, dtype=torch.float64, device="cpu", max_values: int = 
     outputs = r.choice((1, 1, 2, 3, 5, 8, 33))
     classes = r.choice((None, None, 2, 3))
     lead = (grid * grid, outputs) if classes is None else (classes, grid * grid, outputs)
-    weights = [(torch.randn(*lead, m.shape[1], generator=g, dtype=torch.float64) / m.shape[1] ** 0.5)
-               .to(dtype=dtype, device=device).requires_grad_(True) for m in maps]
+    weights = cases.classifier(grid, outputs, classes, dtype, device, g, requires_grad=True,
+                               shapes=[m.shape[1:] for m in maps])
     bias_forms = [None, lead[-2:]] + ([lead] if classes is not None else [])
     if op == "fused_hypercolumn" and classes is None:
         bias_forms.append((count, grid * grid, outputs))

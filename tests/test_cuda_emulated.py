@@ -82,12 +82,12 @@ def test_emulated_cuda_kernels_low_precision(index, order, dtype):
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_emulated_invalid_rows_give_nan_and_no_gradient(order, deterministic):
-    check_invalid_rows("cpu", lambda case: run_in_order(case, EMULATED, order if case.op.startswith("fused") else None))
+    check_invalid_rows("cpu", lambda case: run_in_order(case, EMULATED, order))
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_emulated_empty_batch_gives_nan(order, deterministic):
-    check_empty_batch("cpu", lambda case: run_in_order(case, EMULATED, order if case.op.startswith("fused") else None))
+    check_empty_batch("cpu", lambda case: run_in_order(case, EMULATED, order))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)

@@ -335,8 +335,7 @@ def check_bad_rows(out, clean, rows):
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_empty_batch_gives_nan(order):
-    check_empty_batch("cpu", lambda case: run_in_order(case, torch.ops.hypercolumn_ops,
-                                                       order if case.op.startswith("fused") else None))
+    check_empty_batch("cpu", lambda case: run_in_order(case, torch.ops.hypercolumn_ops, order))
 
 
 @pytest.mark.parametrize("padding", [0, 1])

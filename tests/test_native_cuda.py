@@ -189,8 +189,7 @@ def test_invalid_rows_give_nan_and_no_gradient():
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
 def test_empty_batch_gives_nan(order):
-    check_empty_batch("cuda", lambda case: run_in_order(case, torch.ops.hypercolumn_ops,
-                                                        order if case.op.startswith("fused") else None))
+    check_empty_batch("cuda", lambda case: run_in_order(case, torch.ops.hypercolumn_ops, order))
 
 
 def test_bad_arguments_name_the_argument():

@@ -240,7 +240,6 @@ def test_cuda_graph(op, enabled):
         check_cuda_graph("triton", op)
 
 
-
 # Fewer and smaller than the compiled backends' random cases: the interpreter takes seconds per
 # case, and on a GPU each new shape may compile new kernel variants.
 @pytest.mark.parametrize("seed", random_seeds(12))

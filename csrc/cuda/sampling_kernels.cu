@@ -177,7 +177,8 @@ void sample_forward(at::TensorList features, const at::Tensor& rows, int64_t gri
                     int64_t num_points, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
                     int64_t padding, const at::Tensor& out) {
   if (num_points == 0) return;
-  if (features[0].size(0) == 0) {  // no image: every row's batch index is invalid, and the maps hold nothing to read
+  // No image: every row's batch index is invalid, and the maps hold nothing to read.
+  if (features[0].size(0) == 0) {
     out.fill_(std::numeric_limits<double>::quiet_NaN());
     return;
   }
