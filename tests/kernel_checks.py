@@ -200,27 +200,35 @@ def check_bias_segments(ops, device, order) -> None:
 def check_score_products(ops, device) -> None:
     """Order 1 (project the map to score channels), forward and gradients. Small products of NCHW
     maps in the CUDA kernels (project_scores_in_kernels, project_grads_in_kernels: 18 score
-    channels here, at most 32): channel chunks of 128 added in order where a layer has more (129
-    and 300 channels: 2 and 3 chunks, the last short), weight-gradient tiles of 128 pixels (240
-    pixels over 2 images: 2 tiles, one across the images' boundary). cuBLAS for channels_last maps
+    channels here, at most 32): tiles of 32 pixels (40 pixels over 2 images: the second tile
+    short), channel chunks of 128 added in order where a layer has more (129 and 300 channels: 2
+    and 3 chunks, the last short), weight-gradient tiles of 64 pixels and blocks of 32 channels
+    (300 channels: the tenth block short), at most 64 blocks over the pixels (4,300 pixels over 2
+    images: 68 tiles, the first 4 blocks take two, tiles across the images' boundary, the last
+    short). cuBLAS for channels_last maps
     and for 36 score channels: one 2-D product where the images' pixels stack in memory (one image;
     a channels_last map), a batched product otherwise. Each layout, with contiguous weights and
     with strided ones (the weight gradient then takes the weights' strides), against the reference
     in float64."""
     g = torch.Generator().manual_seed(17)
     wide = ((300, 4, 5), (129, 3, 3), (7, 3, 3))
-    for batch, layout, shapes in ((1, "contiguous", cases.LAYER_SHAPES), (1, "channels_last", cases.LAYER_SHAPES),
-                                  (2, "channels_last", cases.LAYER_SHAPES), (2, "contiguous", cases.LAYER_SHAPES),
-                                  (2, "contiguous", wide)):
+    # The large map's every pixel takes a gradient: a box over each whole image, about a bin a pixel.
+    large = ((9, 43, 50), (7, 3, 3))
+    whole = torch.tensor([[0, 0, 0, cases.IMAGE[1], cases.IMAGE[0]], [1, 0, 0, cases.IMAGE[1], cases.IMAGE[0]]],
+                         dtype=torch.float32, device=device)
+    for batch, layout, shapes, output_size in (
+            (1, "contiguous", cases.LAYER_SHAPES, (4, 3)), (1, "channels_last", cases.LAYER_SHAPES, (4, 3)),
+            (2, "channels_last", cases.LAYER_SHAPES, (4, 3)), (2, "contiguous", cases.LAYER_SHAPES, (4, 3)),
+            (2, "contiguous", wide, (4, 3)), (2, "contiguous", large, (45, 52))):
         f = cases.features(torch.float64, device, layout, g, requires_grad=True, batch=batch, shapes=shapes)
-        boxes = cases.boxes(5, torch.float32, device, g, batch=batch)
+        boxes = whole if shapes is large else cases.boxes(5, torch.float32, device, g, batch=batch)
         for strided, outputs in ((False, 2), (True, 2), (False, 4)):
             w = cases.classifier(3, outputs, None, torch.float64, device, g, shapes=shapes)
             if strided:  # every other output of a classifier with twice as many
                 w = [torch.cat([x, x], dim=1)[:, ::2] for x in w]
             w = [x.requires_grad_() for x in w]
             case = cases.Case("fused_hypercolumn", (f, boxes, w),
-                              dict(output_size=(4, 3), image_size=cases.IMAGE, activation="sigmoid"),
+                              dict(output_size=output_size, image_size=cases.IMAGE, activation="sigmoid"),
                               f"B{batch}-{layout}-C{shapes[0][0]}-M{outputs}-"
                               f"{'strided' if strided else 'contiguous'}-weights")
             check_case(ops, case, 1)

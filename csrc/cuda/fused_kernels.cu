@@ -637,23 +637,37 @@ PointSource<acc_t> fused_source(const FusedArgs& a, int64_t batch) {
 // Small score maps without cuBLAS. On the H200 one cuBLAS product costs about 53 us of host time
 // against 8 us for a plain launch (benchmarks/host_costs.py), several times the device time of a
 // product of the sizes below, and a fused forward made three of them. So where a pixel-contiguous
-// (NCHW) map has at most kProjectOutputs score channels and at most kProjectElements values, a
-// thread per pixel keeps every score channel in registers and walks a chunk of kProjectChunk
-// channels, the chunk's weights in shared memory; a block per (pixel tile, chunk). Several chunks
-// write float partials that project_sum_kernel adds in chunk order: the same bits on every run.
-// Backward does the same for the feature gradient; the weight gradient sums over pixels in tiles,
-// each lane's pixels and then the warp's lanes in a fixed order, and the tiles in order.
+// (NCHW) map has at most kProjectOutputs score channels and at most kProjectElements values, the
+// package's kernels make the product. A block takes a tile of kProjectPixels pixels (a lane each,
+// so every warp load reads consecutive pixels of one channel) and a chunk of kProjectChunk channels
+// (the chunk's weights in shared memory, padded with zeros to kProjectOutputs outputs, so the inner
+// loop reads a whole row of weights without a test per output); its warps take every
+// kProjectWarps-th channel of the chunk, kProjectUnroll channels of loads in flight at a time, and
+// add their sums in warp order in shared memory. Several chunks write float partials that
+// project_sum_kernel adds in chunk order: the same bits on every run. Backward does the same for
+// the feature gradient. The weight gradient takes tiles of kWeightGradPixels pixels and 32
+// channels through shared memory (a lane per channel, a warp per 4 outputs), at most
+// kWeightGradBlocks blocks over the pixels, each adding its tiles in order, and the blocks' partials
+// in order. (The first version, a thread per pixel over 128 channels with a test per output, ran
+// 40-60 us a product on the H200, 4x cuBLAS: four warps an SM waiting on one load or shared read
+// at a time.)
 constexpr int kProjectOutputs = 32;
-constexpr int kProjectThreads = 128;
+constexpr int kProjectPixels = 32;
+constexpr int kProjectWarps = 4;
+constexpr int kProjectThreads = kProjectPixels * kProjectWarps;
+constexpr int kProjectUnroll = 4;
 constexpr int64_t kProjectChunk = 128;
 constexpr int64_t kProjectElements = int64_t(1) << 22;
-// Pixels and channels per block of project_grad_weight_kernel (8 warps; a warp takes every 8th
-// channel of the block's chunk, a lane every 32nd pixel of its tile).
-constexpr int kWeightGradPixels = 128;
+// The weight gradient: pixels a tile, channels a block (a lane each), outputs a warp (8 warps).
+constexpr int kWeightGradPixels = 64;
 constexpr int kWeightGradChannels = 32;
-constexpr int kWeightGradThreads = 256;
-// Tiles of the weight gradient at most: project_sum_kernel adds a value's tiles one after another.
-constexpr int64_t kWeightGradTiles = 1024;
+constexpr int kWeightGradOutputs = 4;
+constexpr int kWeightGradThreads = 32 * kProjectOutputs / kWeightGradOutputs;
+static_assert(kWeightGradThreads % kWeightGradPixels == 0, "a thread loads one pixel of each tile");
+// Blocks over the pixels at most (partials that project_sum_kernel adds), and pixels at most: a
+// larger map of few channels has too few blocks for its work and goes to cuBLAS.
+constexpr int64_t kWeightGradBlocks = 64;
+constexpr int64_t kWeightGradMaxPixels = 131072;
 
 // A (B, H*W, C) pixel matrix (pixel_matrix) as the projection kernels see it: pixel p of the
 // B * H*W runs over the images in turn, any strides.
@@ -688,46 +702,74 @@ WeightMatrix<scalar_t> weight_matrix_view(const at::Tensor& m) {
   return {m.data_ptr<scalar_t>(), m.stride(0), m.stride(1), static_cast<int>(m.size(0))};
 }
 
-// Block y's chunk of kProjectChunk channels (from *first, *count of them) of the weights, into w.
+// Block y's chunk of kProjectChunk channels (from *first, *count of them) of the weights, into w,
+// zeros past the last output. The caller synchronises before reading w.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_weight_chunk(const WeightMatrix<scalar_t>& weight, int64_t channels,
-                                                  acc_t (&w)[kProjectChunk][kProjectOutputs], int64_t* first,
-                                                  int* count) {
+                                                  acc_t (*w)[kProjectOutputs], int64_t* first, int* count) {
   *first = static_cast<int64_t>(blockIdx.y) * kProjectChunk;
   *count = static_cast<int>(min(kProjectChunk, channels - *first));
-  for (int k = threadIdx.x; k < *count * weight.outputs; k += blockDim.x) {
-    const int c = k / weight.outputs, o = k - c * weight.outputs;
-    w[c][o] = static_cast<acc_t>(weight.data[o * weight.stride_o + (*first + c) * weight.stride_c]);
+  for (int k = threadIdx.x; k < *count * kProjectOutputs; k += blockDim.x) {
+    const int c = k / kProjectOutputs, o = k - c * kProjectOutputs;
+    w[c][o] = o < weight.outputs ? static_cast<acc_t>(weight.data[o * weight.stride_o + (*first + c) * weight.stride_c])
+                                 : acc_t(0);
   }
-  __syncthreads();
 }
+
+// The shared memory of project_scores_kernel: the chunk's weights, then the warps' sums.
+template <typename acc_t>
+union ProjectShared {
+  acc_t weights[kProjectChunk][kProjectOutputs];
+  acc_t sums[kProjectWarps][kProjectOutputs][kProjectPixels + 1];  // + 1: a row's pixels on distinct banks
+};
 
 template <typename scalar_t, typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kProjectThreads)
     project_scores_kernel(PixelMatrix<const scalar_t*> pixels, int64_t num_pixels, int64_t channels,
                           WeightMatrix<scalar_t> weight, out_t* out) {
-  __shared__ acc_t w[kProjectChunk][kProjectOutputs];
+  __shared__ __align__(16) ProjectShared<acc_t> shared;
   int64_t first;
   int count;
-  load_weight_chunk(weight, channels, w, &first, &count);
-  const int outputs = weight.outputs;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= num_pixels) return;
-  const scalar_t* column = pixels.column(p) + first * pixels.stride_c;
+  load_weight_chunk(weight, channels, shared.weights, &first, &count);
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kProjectPixels;
+  const int tile_pixels = static_cast<int>(min(static_cast<int64_t>(kProjectPixels), num_pixels - first_pixel));
+  const scalar_t* column = pixels.column(first_pixel + min(lane, tile_pixels - 1)) + first * pixels.stride_c;
   acc_t sums[kProjectOutputs];
 #pragma unroll
   for (int o = 0; o < kProjectOutputs; ++o) sums[o] = acc_t(0);
-  for (int c = 0; c < count; ++c) {
-    const acc_t value = static_cast<acc_t>(column[c * pixels.stride_c]);
+  for (int c = warp; c < count; c += kProjectWarps * kProjectUnroll) {
+    acc_t values[kProjectUnroll];
 #pragma unroll
-    for (int o = 0; o < kProjectOutputs; ++o) {
-      if (o < outputs) sums[o] += value * w[c][o];
+    for (int u = 0; u < kProjectUnroll; ++u) {
+      const int k = c + u * kProjectWarps;
+      values[u] = k < count ? static_cast<acc_t>(column[k * pixels.stride_c]) : acc_t(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kProjectUnroll; ++u) {
+      const int k = c + u * kProjectWarps;
+      if (k < count) {  // the same for the whole warp
+#pragma unroll
+        for (int o = 0; o < kProjectOutputs; ++o) sums[o] += values[u] * shared.weights[k][o];
+      }
     }
   }
-  out_t* destination = out + (static_cast<int64_t>(blockIdx.y) * num_pixels + p) * outputs;
+  __syncthreads();  // every warp is done with the weights: their memory takes the sums
+  const int outputs = weight.outputs;
 #pragma unroll
   for (int o = 0; o < kProjectOutputs; ++o) {
-    if (o < outputs) destination[o] = static_cast<out_t>(sums[o]);
+    if (o < outputs) shared.sums[warp][o][lane] = sums[o];
+  }
+  __syncthreads();
+  // The tile's outputs are tile_pixels * outputs consecutive values.
+  out_t* destination = out + (static_cast<int64_t>(blockIdx.y) * num_pixels + first_pixel) * outputs;
+  for (int i = threadIdx.x; i < tile_pixels * outputs; i += kProjectThreads) {
+    const int t = i / outputs, o = i - t * outputs;
+    acc_t sum = shared.sums[0][o][t];
+#pragma unroll
+    for (int w = 1; w < kProjectWarps; ++w) sum += shared.sums[w][o][t];
+    destination[i] = static_cast<out_t>(sum);
   }
 }
 
@@ -761,10 +803,9 @@ bool small_projection(const at::Tensor& pixels, int64_t outputs) {
 }
 
 // Whether project_grads_in_kernels makes the gradients of such a projection: a small one of at
-// most kWeightGradTiles tiles of pixels (a large map of few channels goes to cuBLAS instead).
+// most kWeightGradMaxPixels pixels.
 bool small_projection_grads(const at::Tensor& pixels, int64_t outputs) {
-  return small_projection(pixels, outputs) &&
-         ceil_div(pixels.size(0) * pixels.size(1), int64_t(kWeightGradPixels)) <= kWeightGradTiles;
+  return small_projection(pixels, outputs) && pixels.size(0) * pixels.size(1) <= kWeightGradMaxPixels;
 }
 
 at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor& weight_matrix) {
@@ -777,7 +818,7 @@ at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor&
   const int64_t chunks = ceil_div(channels, kProjectChunk);
   check_grid_y(chunks, "features");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)), static_cast<unsigned>(chunks));
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectPixels)), static_cast<unsigned>(chunks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_scores", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const auto source = pixel_matrix_view<const scalar_t*>(pixels);
@@ -799,81 +840,98 @@ at::Tensor project_scores_in_kernels(const at::Tensor& pixels, const at::Tensor&
 }
 
 // Gradient of a small projection's pixel matrix (B, H*W, C): grad_pixels[b, p, c] = the sum over
-// score channels o of score_grad[b, p, o] W[o, c]. A thread per pixel holds its score gradients in
-// registers and writes each channel of its chunk once.
+// score channels o of score_grad[b, p, o] W[o, c]. As project_scores_kernel: a lane per pixel of
+// the tile holds its score gradients in registers (zeros past the last output), a warp per
+// kProjectWarps-th channel of the chunk writes each of its channels once, kProjectUnroll at a time.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kProjectThreads)
     project_grad_pixels_kernel(const acc_t* score_grad, int64_t num_pixels, int64_t channels,
                                WeightMatrix<scalar_t> weight, PixelMatrix<scalar_t*> grad) {
-  __shared__ acc_t w[kProjectChunk][kProjectOutputs];
+  __shared__ __align__(16) acc_t w[kProjectChunk][kProjectOutputs];
+  __shared__ acc_t tile_grads[kProjectOutputs][kProjectPixels + 1];
   int64_t first;
   int count;
   load_weight_chunk(weight, channels, w, &first, &count);
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= num_pixels) return;
   const int outputs = weight.outputs;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kProjectPixels;
+  const int tile_pixels = static_cast<int>(min(static_cast<int64_t>(kProjectPixels), num_pixels - first_pixel));
+  // The tile's score gradients are tile_pixels * outputs consecutive values.
+  for (int i = threadIdx.x; i < tile_pixels * outputs; i += kProjectThreads) {
+    const int t = i / outputs, o = i - t * outputs;
+    tile_grads[o][t] = score_grad[first_pixel * outputs + i];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane >= tile_pixels) return;  // no __syncthreads below
   acc_t g[kProjectOutputs];
 #pragma unroll
-  for (int o = 0; o < kProjectOutputs; ++o) {
-    if (o < outputs) g[o] = score_grad[p * outputs + o];
-  }
-  scalar_t* column = grad.column(p) + first * grad.stride_c;
-  for (int c = 0; c < count; ++c) {
-    acc_t sum = 0;
+  for (int o = 0; o < kProjectOutputs; ++o) g[o] = o < outputs ? tile_grads[o][lane] : acc_t(0);
+  scalar_t* column = grad.column(first_pixel + lane) + first * grad.stride_c;
+  for (int c = warp; c < count; c += kProjectWarps * kProjectUnroll) {
 #pragma unroll
-    for (int o = 0; o < kProjectOutputs; ++o) {
-      if (o < outputs) sum += g[o] * w[c][o];
+    for (int u = 0; u < kProjectUnroll; ++u) {
+      const int k = c + u * kProjectWarps;
+      if (k < count) {
+        acc_t sum = 0;
+#pragma unroll
+        for (int o = 0; o < kProjectOutputs; ++o) sum += g[o] * w[k][o];
+        column[k * grad.stride_c] = static_cast<scalar_t>(sum);
+      }
     }
-    column[c * grad.stride_c] = static_cast<scalar_t>(sum);
   }
 }
 
-// Partial weight gradient of a small projection over one tile of kWeightGradPixels pixels:
-// partial[tile, o, c] = the sum over the tile's pixels p of score_grad[p, o] x[b, c, p]. The
-// tile's score gradients sit in shared memory; each lane sums its pixels, then the warp adds its
-// lanes in a fixed tree.
+// Partial weight gradient of a small projection: partial[x, o, c] = the sum over the pixels p of
+// block x's tiles (x, x + gridDim.x, ...) of score_grad[p, o] x[p, c]. Each tile of
+// kWeightGradPixels pixels and the block's kWeightGradChannels channels goes through shared
+// memory, the features read with consecutive threads on consecutive pixels; then a lane per
+// channel and a warp per kWeightGradOutputs outputs add the tile's pixels in order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWeightGradThreads)
     project_grad_weight_kernel(PixelMatrix<const scalar_t*> pixels, int64_t num_pixels, int64_t channels, int outputs,
                                const acc_t* score_grad, acc_t* partial) {
-  __shared__ acc_t g[kWeightGradPixels][kProjectOutputs + 1];  // + 1: lanes (pixels) on distinct banks
-  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kWeightGradPixels;
-  const int pixel_count = static_cast<int>(min(static_cast<int64_t>(kWeightGradPixels), num_pixels - first_pixel));
-  for (int k = threadIdx.x; k < pixel_count * outputs; k += blockDim.x) {
-    const int t = k / outputs, o = k - t * outputs;
-    g[t][o] = score_grad[(first_pixel + t) * outputs + o];
-  }
-  __syncthreads();
+  __shared__ __align__(16) acc_t tile_grads[kWeightGradPixels][kProjectOutputs];
+  __shared__ acc_t tile_values[kWeightGradPixels][kWeightGradChannels + 1];  // + 1: pixels on distinct banks
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const scalar_t* column[kWeightGradPixels / 32];
-#pragma unroll
-  for (int i = 0; i < kWeightGradPixels / 32; ++i) {
-    column[i] = pixels.column(first_pixel + min(lane + 32 * i, pixel_count - 1));
-  }
   const int64_t first_channel = static_cast<int64_t>(blockIdx.y) * kWeightGradChannels;
-  const int64_t end_channel = min(first_channel + kWeightGradChannels, channels);
-  for (int64_t c = first_channel + warp; c < end_channel; c += kWeightGradThreads / 32) {
-    acc_t sums[kProjectOutputs];
+  const int channel_count = static_cast<int>(min(static_cast<int64_t>(kWeightGradChannels), channels - first_channel));
+  const int first_output = warp * kWeightGradOutputs;
+  acc_t sums[kWeightGradOutputs];
 #pragma unroll
-    for (int o = 0; o < kProjectOutputs; ++o) sums[o] = acc_t(0);
-#pragma unroll
-    for (int i = 0; i < kWeightGradPixels / 32; ++i) {
-      const int t = lane + 32 * i;
-      if (t < pixel_count) {
-        const acc_t value = static_cast<acc_t>(column[i][c * pixels.stride_c]);
-#pragma unroll
-        for (int o = 0; o < kProjectOutputs; ++o) {
-          if (o < outputs) sums[o] += value * g[t][o];
-        }
+  for (int j = 0; j < kWeightGradOutputs; ++j) sums[j] = acc_t(0);
+  for (int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kWeightGradPixels; first_pixel < num_pixels;
+       first_pixel += static_cast<int64_t>(gridDim.x) * kWeightGradPixels) {
+    const int tile_pixels = static_cast<int>(min(static_cast<int64_t>(kWeightGradPixels), num_pixels - first_pixel));
+    for (int k = threadIdx.x; k < kWeightGradPixels * kProjectOutputs; k += kWeightGradThreads) {
+      const int t = k / kProjectOutputs, o = k - t * kProjectOutputs;
+      tile_grads[t][o] = t < tile_pixels && o < outputs ? score_grad[(first_pixel + t) * outputs + o] : acc_t(0);
+    }
+    {  // a thread keeps one pixel of the tile: its column is found once
+      const int t = threadIdx.x % kWeightGradPixels;
+      const scalar_t* column =
+          pixels.column(first_pixel + min(t, tile_pixels - 1)) + first_channel * pixels.stride_c;
+      for (int c = threadIdx.x / kWeightGradPixels; c < kWeightGradChannels;
+           c += kWeightGradThreads / kWeightGradPixels) {
+        tile_values[t][c] = t < tile_pixels && c < channel_count ? static_cast<acc_t>(column[c * pixels.stride_c])
+                                                                 : acc_t(0);
       }
     }
+    __syncthreads();
+    if (first_output < outputs) {
+#pragma unroll 8
+      for (int t = 0; t < kWeightGradPixels; ++t) {
+        const acc_t value = tile_values[t][lane];
 #pragma unroll
-    for (int o = 0; o < kProjectOutputs; ++o) {
-      if (o < outputs) {
-        const acc_t sum = warp_sum(sums[o]);
-        if (lane == 0) partial[(static_cast<int64_t>(blockIdx.x) * outputs + o) * channels + c] = sum;
+        for (int j = 0; j < kWeightGradOutputs; ++j) sums[j] += tile_grads[t][first_output + j] * value;
       }
     }
+    __syncthreads();  // before the next tile overwrites this one
+  }
+  if (lane >= channel_count) return;
+#pragma unroll
+  for (int j = 0; j < kWeightGradOutputs; ++j) {
+    const int o = first_output + j;
+    if (o < outputs) partial[(static_cast<int64_t>(blockIdx.x) * outputs + o) * channels + first_channel + lane] = sums[j];
   }
 }
 
@@ -888,20 +946,20 @@ at::Tensor project_grads_in_kernels(const at::Tensor& score_grad, const at::Tens
   if (channels == 0) return grad_weight;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t channel_chunks = ceil_div(channels, kProjectChunk);
-  const int64_t tiles = ceil_div(num_pixels, kWeightGradPixels);
+  const int64_t weight_blocks = std::min(ceil_div(num_pixels, int64_t(kWeightGradPixels)), kWeightGradBlocks);
   const int64_t weight_chunks = ceil_div(channels, kWeightGradChannels);
   check_grid_y(channel_chunks, "features");
   check_grid_y(weight_chunks, "features");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pixels.scalar_type(), "project_grads", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const acc_t* g = score_grad.data_ptr<acc_t>();
-    const dim3 pixel_grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectThreads)),
+    const dim3 pixel_grid(static_cast<unsigned>(ceil_div(num_pixels, kProjectPixels)),
                           static_cast<unsigned>(channel_chunks));
     project_grad_pixels_kernel<scalar_t, acc_t><<<pixel_grid, kProjectThreads, 0, stream>>>(
         g, num_pixels, channels, weight_matrix_view<scalar_t>(weight_matrix), pixel_matrix_view<scalar_t*>(grad_pixels));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor partial = at::empty({tiles, outputs, channels}, score_grad.options());
-    const dim3 weight_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(weight_chunks));
+    const at::Tensor partial = at::empty({weight_blocks, outputs, channels}, score_grad.options());
+    const dim3 weight_grid(static_cast<unsigned>(weight_blocks), static_cast<unsigned>(weight_chunks));
     project_grad_weight_kernel<scalar_t, acc_t><<<weight_grid, kWeightGradThreads, 0, stream>>>(
         pixel_matrix_view<const scalar_t*>(pixels), num_pixels, channels, outputs, g, partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
