@@ -39,6 +39,14 @@ def _case_ids(case_list):
     return [repr(c) for c in case_list]
 
 
+def _triton_ops():
+    """``torch.ops.hypercolumn_ops_triton``, which importing the backend registers (imported here,
+    not at the top: without triton this module must still load, and its tests be skipped)."""
+    from hypercolumn_ops import triton_backend  # noqa: F401
+
+    return torch.ops.hypercolumn_ops_triton
+
+
 ALL_CASES_64 = cases.all_cases(torch.float64, DEVICE, requires_grad=True)
 ALL_CASES_32 = cases.all_cases(torch.float32, DEVICE, requires_grad=True)
 FUSED_CASES_64 = [c for c in cases.fused_cases(torch.float64, DEVICE, requires_grad=True) if c.name != "empty"]
@@ -100,9 +108,8 @@ def test_deterministic_algorithms(case, order, monkeypatch):
 @pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("order", [SAMPLE_FEATURES, PROJECT_SCORES], ids=["sample_features", "project_scores"])
 def test_bias_segments(order, enabled):
-    import hypercolumn_ops.triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
     with deterministic_algorithms(enabled):
-        check_bias_segments(torch.ops.hypercolumn_ops_triton, DEVICE, order)
+        check_bias_segments(_triton_ops(), DEVICE, order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -179,9 +186,7 @@ OPCHECK_CASES = _pick(
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=_case_ids(OPCHECK_CASES))
 def test_opcheck(case):
-    from hypercolumn_ops import triton_backend  # noqa: F401  (registers the operators; other tests import it by use)
-
-    op = getattr(torch.ops.hypercolumn_ops_triton, case.op)
+    op = getattr(_triton_ops(), case.op)
     torch.library.opcheck(op, _normalised(case))
 
 
@@ -244,6 +249,4 @@ def test_cuda_graph(op, enabled):
 # case, and on a GPU each new shape may compile new kernel variants.
 @pytest.mark.parametrize("seed", random_seeds(12))
 def test_random_cases_match_reference(seed):
-    from hypercolumn_ops import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
-
-    check_random_case(torch.ops.hypercolumn_ops_triton, seed, DEVICE, max_values=2000, max_rows=12)
+    check_random_case(_triton_ops(), seed, DEVICE, max_values=2000, max_rows=12)
