@@ -6,6 +6,9 @@ Each checkout holds an in-place build (``python setup.py build_ext --inplace``),
 other compiler flags. The two run alternately in fresh processes, ``--rounds`` times each, so that
 a noisy machine slows both alike; each process reports the median of 9 calls per workload and mode
 (after 3 warm-up calls), and the table gives the median over rounds and B's time over A's.
+``--clock process`` times the process's CPU time instead of wall time (with ``--threads 1``, the
+work of one call whatever else the machine runs: a shared machine's wall times vary by tens of
+percent between rounds).
 """
 
 import argparse
@@ -20,9 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKLOADS = ("sds", "keypoints", "parts", "points", "points-sparse", "boxes")
 
 
-def time_checkout(workloads):
+def time_checkout(workloads, threads=None, clock="wall"):
     """In a child process: median ms per 'workload mode' of the package found first on sys.path."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    now = time.perf_counter if clock == "wall" else time.process_time
 
     import hypercolumn_ops
     from methods import FORWARD, FORWARD_BACKWARD, grad_output, run_once
@@ -39,9 +46,9 @@ def time_checkout(workloads):
                     run_once(function, inputs, mode, gradient)
                 samples = []
                 for _ in range(9):
-                    start = time.perf_counter()
+                    start = now()
                     run_once(function, inputs, mode, gradient)
-                    samples.append(time.perf_counter() - start)
+                    samples.append(now() - start)
             times[f"{name} {mode}"] = statistics.median(samples) * 1e3
     return {"package": hypercolumn_ops.__file__, "times": times}
 
@@ -52,16 +59,20 @@ def main():
     parser.add_argument("b")
     parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads in each process (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(time_checkout(args.workloads)))
+        print(json.dumps(time_checkout(args.workloads, args.threads, args.clock)))
         return
     runs = {args.a: [], args.b: []}
     for _ in range(args.rounds):
         for root in (args.a, args.b):
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(root), HERE]))
-            child = subprocess.run([sys.executable, __file__, root, root, "--child", "--workloads", *args.workloads],
+            options = ["--clock", args.clock] + (["--threads", str(args.threads)] if args.threads else [])
+            child = subprocess.run([sys.executable, __file__, root, root, "--child", *options,
+                                    "--workloads", *args.workloads],
                                    env=env, check=True, capture_output=True, text=True)
             result = json.loads(child.stdout.strip().splitlines()[-1])
             if not result["package"].startswith(os.path.abspath(root)):

@@ -8,12 +8,14 @@
 # (OUT defaults to ./gpu_check_out). Steps:
 #   1. versions   date, nvidia-smi, driver, torch / CUDA / triton / nvcc / Python versions
 #   2. build      python setup.py build_ext --inplace, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16
-#   3. tests      tests/test_native_cuda.py, tests/test_triton.py and tests/test_autocast.py on the GPU
-#                 (float16 autocast on CUDA; the last file's CPU cases run too), in 8 processes where
+#   3. tests      tests/test_native_cuda.py, tests/test_triton.py, tests/test_autocast.py and
+#                 tests/test_api.py on the GPU (float16 autocast on CUDA; no synchronisation in a
+#                 default call, under set_sync_debug_mode; the CPU cases run too), in 8 processes where
 #                 pytest-xdist is installed (Triton compiles each kernel variant on first use: CPU time);
 #                 tests.xml has every test's result
 #   4. benchmarks python benchmarks/run.py --device cuda, float32 and --dtype bfloat16 (each writes its
-#                 results after every workload, so a step cut short keeps the finished ones)
+#                 results after every workload, so a step cut short keeps the finished ones), into
+#                 results/gpu/float32/ and results/gpu/bfloat16/
 #   5. profile    benchmarks/profile_cuda.py on sds and keypoints, both fused backends and
 #                 classify_then_sample: host time per call with and without the value checks, the
 #                 time of a CUDA graph's replay, kernel time (profile.log); the profiler's tables (profiles/);
@@ -21,12 +23,15 @@
 #                 profile_sampling.log)
 #   6. host       benchmarks/host_costs.py: host time of the pieces of the sds forward without the
 #                 profiler (one aten op, each layer's cuBLAS projection, the Python checks, the whole call)
-#   7. mask_rcnn  benchmarks/mask_rcnn.py --device cuda: Mask R-CNN's mask branch, torchvision's against
-#                 the hypercolumn head (per class and class-agnostic), COCO-sized inputs
-#   8. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
+#   7. overhead   benchmarks/overhead.py --device cuda: per-call host time of each operator on tiny
+#                 inputs against roi_align, grid_sample and conv2d, into results/gpu/
+#   8. mask_rcnn  benchmarks/mask_rcnn.py --device cuda: Mask R-CNN's mask branch, torchvision's against
+#                 the hypercolumn head (per class and class-agnostic), COCO-sized inputs, into results/gpu/
+#   9. sanitizer  compute-sanitizer --tool memcheck on benchmarks/sanitize_cases.py (every kernel,
 #                 forward and backward, once on small inputs with invalid rows)
-#   9. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
-# Logs and results go to $OUT/gpu_check/; at the end that folder is packed into
+#  10. targets    benchmarks/targets.py: each target of the GPU work, measured, met or not
+# Logs and results go to $OUT/gpu_check/; its results/ folder has the layout of benchmarks/results/
+# (benchmarks/results/gpu/README.md says how to copy it in). At the end that folder is packed into
 # $OUT/gpu_check.tar.gz and removed, and $OUT/summary.txt (one line per step: exit status and
 # seconds, then the targets table and the tails of the test, profile, host, mask_rcnn and sanitizer logs) is left
 # beside it: two files come back.
@@ -80,7 +85,7 @@ step versions 15 bash -c "$(declare -f versions); versions"
 step build 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 export TRITON_INTERPRET=0  # tests/conftest.py would switch the interpreter on without /dev/nvidiactl
 PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py tests/test_autocast.py $PARALLEL -q -ra --durations=10 \
+step tests 170 "$PYTHON" -m pytest tests/test_native_cuda.py tests/test_triton.py tests/test_autocast.py tests/test_api.py $PARALLEL -q -ra --durations=10 \
   --junitxml="$WORK/tests.xml" \
   -p no:cacheprovider
 BUDGET=475
@@ -91,21 +96,25 @@ HOST=15  # 11 s
 PROFILE=35  # 19-21 s
 SAMPLING=20
 MASK=30  # estimated 15-20 s
-step bench_float32 $(( (BUDGET - SANITIZER - MASK - HOST - SAMPLING - PROFILE - SECONDS) * 55 / 100 )) "$PYTHON" benchmarks/run.py \
-  --device cuda --out "$WORK/bench_float32"
-step bench_bfloat16 $(( BUDGET - SANITIZER - MASK - HOST - SAMPLING - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py \
-  --device cuda --dtype bfloat16 --out "$WORK/bench_bfloat16"
-step profile $(( BUDGET - SANITIZER - MASK - HOST - SAMPLING - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+OVERHEAD=15  # not yet run on a GPU: 7 methods x 2 modes x 5 rounds of 200 calls
+step bench_float32 $(( (BUDGET - SANITIZER - MASK - OVERHEAD - HOST - SAMPLING - PROFILE - SECONDS) * 55 / 100 )) \
+  "$PYTHON" benchmarks/run.py --device cuda --out "$WORK/results/gpu/float32"
+step bench_bfloat16 $(( BUDGET - SANITIZER - MASK - OVERHEAD - HOST - SAMPLING - PROFILE - SECONDS )) "$PYTHON" benchmarks/run.py \
+  --device cuda --dtype bfloat16 --out "$WORK/results/gpu/bfloat16"
+step profile $(( BUDGET - SANITIZER - MASK - OVERHEAD - HOST - SAMPLING - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
   --workloads sds keypoints --methods fused/native fused/triton classify_then_sample --out "$WORK/profiles"
-step profile_sampling $(( BUDGET - SANITIZER - MASK - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
+step profile_sampling $(( BUDGET - SANITIZER - MASK - OVERHEAD - HOST - SECONDS )) "$PYTHON" benchmarks/profile_cuda.py \
   --workloads points-sparse boxes --methods fused/native fused/triton --modes forward --out "$WORK/profiles"
-step host $(( BUDGET - SANITIZER - MASK - SECONDS )) "$PYTHON" benchmarks/host_costs.py
+step host $(( BUDGET - SANITIZER - MASK - OVERHEAD - SECONDS )) "$PYTHON" benchmarks/host_costs.py
+step overhead $(( BUDGET - SANITIZER - MASK - SECONDS )) "$PYTHON" benchmarks/overhead.py --device cuda --rounds 5 \
+  --calls 200 --out "$WORK/results/gpu"
 step mask_rcnn $(( BUDGET - SANITIZER - SECONDS )) "$PYTHON" benchmarks/mask_rcnn.py --device cuda --repetitions 10 \
-  --out "$WORK/mask_rcnn"
+  --out "$WORK/results/gpu"
 step sanitizer $(( BUDGET - SECONDS )) env HYPERCOLUMN_OPS_POISON=1 compute-sanitizer --tool memcheck \
   --error-exitcode 1 "$PYTHON" benchmarks/sanitize_cases.py
 
-step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/bench_float32/results.json "$WORK"/bench_bfloat16/results.json
+step targets 10 "$PYTHON" benchmarks/targets.py "$WORK"/results/gpu/float32/results.json \
+  "$WORK"/results/gpu/bfloat16/results.json
 
 {
   echo

@@ -1,6 +1,6 @@
 """Host time of the pieces of a fused call on CUDA, one piece at a time.
 
-The fused calls on the H200 are bound by host time (``results/gpu/h200-2026-11-27/README.md``), and
+The fused calls on the H200 are bound by host time (``results/gpu/README.md``), and
 the profiler puts most of it in ``aten::mm``, the cuBLAS products that project the order-1 layers.
 The profiler's own overhead inflates what it shows, so this times each piece without it: how long
 the host takes to return from one call (``time.perf_counter``; the device is idle at each start)
@@ -96,12 +96,9 @@ def main() -> None:
     with torch.no_grad():
         rows.append(("fused_hypercolumn forward, native", host_and_device_ms(lambda: function(*call_args, **kwargs),
                                                                              args.calls)))
-        hypercolumn_ops.set_value_checks(False)
-        try:
-            rows.append(("fused_hypercolumn forward, native, no value checks",
+        with hypercolumn_ops.set_value_checks(True):
+            rows.append(("fused_hypercolumn forward, native, strict value checks (a synchronisation)",
                          host_and_device_ms(lambda: function(*call_args, **kwargs), args.calls)))
-        finally:
-            hypercolumn_ops.set_value_checks(True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, sds layers, "
           f"medians of {args.calls} calls")
     print(f"{'piece':75s} {'host ms':>8s} {'event ms':>8s}")

@@ -179,7 +179,7 @@ def estimated_bytes(workload: Workload, method: str, mode: str) -> int:
         maps = sum(b * h * w for b, _, h, w in workload.feature_shapes()) * scores * size
         sampled = len(workload.feature_shapes()) * workload.num_points * scores * size
         return (2 if backward else 1) * (maps + 2 * sampled) + (layers if backward else 0)
-    # The package's operators: the contract bounds them by the score maps and the output.
+    # The package's operators: docs/semantics.md (Memory) bounds them by the score maps and the output.
     return 0
 
 

@@ -83,11 +83,8 @@ def profile_case(call, device: torch.device, calls: int) -> Dict:
         call()
     torch.cuda.synchronize(device)
     walls, hosts = _event_times(call, device)
-    hypercolumn_ops.set_value_checks(False)
-    try:
+    with hypercolumn_ops.set_value_checks(False):
         _, unchecked_hosts = _event_times(call, device)
-    finally:
-        hypercolumn_ops.set_value_checks(True)
     graph_ms, graph_failure = graph_replay_ms(call, device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(calls):

@@ -61,12 +61,12 @@ def run_all(dtype):
     for order in (0, 1):
         args = list(public.normalise_fused_hypercolumn(features, boxes, weights, bias, output_size=(4, 5),
                                                        image_size=IMAGE, labels=box_labels, activation="sigmoid"))
-        args[-1] = [order] * len(features)
+        args[11] = [order] * len(features)  # the orders (csrc/ops.cpp)
         backward(ops.fused_hypercolumn(*args), tensors)
         args = list(public.normalise_fused_hypercolumn_points(features, points, weights, bias, locations=locations,
                                                               image_size=IMAGE, labels=point_labels,
                                                               padding="zeros"))
-        args[-1] = [order] * len(features)
+        args[10] = [order] * len(features)  # the orders (csrc/ops.cpp)
         backward(ops.fused_hypercolumn_points(*args), tensors)
         # 33 outputs: the wide tile of the fused kernel, with two output blocks.
         wide = [(0.1 * torch.randn(1, 33, f.shape[1])).to(dtype).cuda().requires_grad_(True) for f in features]

@@ -9,6 +9,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -37,16 +38,28 @@ void save(AutogradContext* ctx, at::TensorList features, std::vector<at::Tensor>
   ctx->save_for_backward(tensors);
 }
 
-void save_scales(AutogradContext* ctx, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
+// The image size stays a list of SymInts: under torch.compile it may be symbolic, and forcing it
+// to an int here would specialise the compiled graph on it.
+void save_scales(AutogradContext* ctx, c10::SymIntArrayRef image_size, at::ArrayRef<double> spatial_scale,
                  int64_t padding) {
-  ctx->saved_data["scale_y"] = scale_y.vec();
-  ctx->saved_data["scale_x"] = scale_x.vec();
+  ctx->saved_data["image_size"] = image_size;
+  ctx->saved_data["spatial_scale"] = spatial_scale.vec();
   ctx->saved_data["padding"] = padding;
+}
+
+// box grids' sampling options (box_hypercolumn, fused_hypercolumn).
+void save_grid(AutogradContext* ctx, int64_t output_height, int64_t output_width, int64_t sampling_ratio,
+               bool aligned) {
+  ctx->saved_data["output_height"] = output_height;
+  ctx->saved_data["output_width"] = output_width;
+  ctx->saved_data["sampling_ratio"] = sampling_ratio;
+  ctx->saved_data["aligned"] = aligned;
 }
 
 struct Saved {
   std::vector<at::Tensor> features, rest;
-  std::vector<double> scale_y, scale_x;
+  std::vector<c10::SymInt> image_size;
+  std::vector<double> spatial_scale;
   int64_t padding;
 };
 
@@ -55,8 +68,18 @@ Saved saved(AutogradContext* ctx) {
   const int64_t layers = ctx->saved_data["layers"].toInt();
   return {std::vector<at::Tensor>(tensors.begin(), tensors.begin() + layers),
           std::vector<at::Tensor>(tensors.begin() + layers, tensors.end()),
-          ctx->saved_data["scale_y"].toDoubleVector(), ctx->saved_data["scale_x"].toDoubleVector(),
+          ctx->saved_data["image_size"].toSymIntVector(), ctx->saved_data["spatial_scale"].toDoubleVector(),
           ctx->saved_data["padding"].toInt()};
+}
+
+struct SavedGrid {
+  int64_t output_height, output_width, sampling_ratio;
+  bool aligned;
+};
+
+SavedGrid saved_grid(AutogradContext* ctx) {
+  return {ctx->saved_data["output_height"].toInt(), ctx->saved_data["output_width"].toInt(),
+          ctx->saved_data["sampling_ratio"].toInt(), ctx->saved_data["aligned"].toBool()};
 }
 
 OptionalTensor optional(const at::Tensor& t) {
@@ -90,9 +113,16 @@ at::Tensor bias_grad(const at::Tensor& grad, const at::Tensor& bias) {
   return bias.defined() ? grad.to(bias.scalar_type()) : at::Tensor();
 }
 
-using SparseFn = at::Tensor(at::TensorList, const at::Tensor&, at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
-using SparseBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&,
-                                                 at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
+using Sizes = c10::SymIntArrayRef;
+using Scales = at::ArrayRef<double>;
+
+using SparseFn = at::Tensor(at::TensorList, const at::Tensor&, Sizes, Scales, int64_t);
+using SparseBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, Sizes, Scales,
+                                                 int64_t);
+const c10::TypedOperatorHandle<SparseFn>& sparse_op() {
+  static const auto handle = op<SparseFn>("hypercolumn_ops::sparse_hypercolumn");
+  return handle;
+}
 const c10::TypedOperatorHandle<SparseBackwardFn>& sparse_backward_op() {
   static const auto handle = op<SparseBackwardFn>("hypercolumn_ops::sparse_hypercolumn_backward");
   return handle;
@@ -100,29 +130,31 @@ const c10::TypedOperatorHandle<SparseBackwardFn>& sparse_backward_op() {
 
 class SparseHypercolumn : public torch::autograd::Function<SparseHypercolumn> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& points,
-                            at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding) {
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& points, Sizes image_size,
+                            Scales spatial_scale, int64_t padding) {
     save(ctx, features, {points});
-    save_scales(ctx, scale_y, scale_x, padding);
+    save_scales(ctx, image_size, spatial_scale, padding);
     const at::AutoDispatchBelowADInplaceOrView below;
-    static const auto forward_op = op<SparseFn>("hypercolumn_ops::sparse_hypercolumn");
-    return forward_op.call(features, points, scale_y, scale_x, padding);
+    return sparse_op().call(features, points, image_size, spatial_scale, padding);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved s = saved(ctx);
     const auto& backward_op = sparse_backward_op();
     return Gradients()
-        .add(backward_op.call(grads[0], s.features, s.rest[0], s.scale_y, s.scale_x, s.padding))
+        .add(backward_op.call(grads[0], s.features, s.rest[0], s.image_size, s.spatial_scale, s.padding))
         .none(4)
         .done();
   }
 };
 
-using BoxFn = at::Tensor(at::TensorList, const at::Tensor&, int64_t, int64_t, at::ArrayRef<double>,
-                         at::ArrayRef<double>, int64_t);
+using BoxFn = at::Tensor(at::TensorList, const at::Tensor&, int64_t, int64_t, Sizes, Scales, int64_t, int64_t, bool);
 using BoxBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, int64_t, int64_t,
-                                              at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
+                                              Sizes, Scales, int64_t, int64_t, bool);
+const c10::TypedOperatorHandle<BoxFn>& box_op() {
+  static const auto handle = op<BoxFn>("hypercolumn_ops::box_hypercolumn");
+  return handle;
+}
 const c10::TypedOperatorHandle<BoxBackwardFn>& box_backward_op() {
   static const auto handle = op<BoxBackwardFn>("hypercolumn_ops::box_hypercolumn_backward");
   return handle;
@@ -131,31 +163,29 @@ const c10::TypedOperatorHandle<BoxBackwardFn>& box_backward_op() {
 class BoxHypercolumn : public torch::autograd::Function<BoxHypercolumn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& boxes,
-                            int64_t output_height, int64_t output_width, at::ArrayRef<double> scale_y,
-                            at::ArrayRef<double> scale_x, int64_t padding) {
+                            int64_t output_height, int64_t output_width, Sizes image_size, Scales spatial_scale,
+                            int64_t padding, int64_t sampling_ratio, bool aligned) {
     save(ctx, features, {boxes});
-    save_scales(ctx, scale_y, scale_x, padding);
-    ctx->saved_data["output_height"] = output_height;
-    ctx->saved_data["output_width"] = output_width;
+    save_scales(ctx, image_size, spatial_scale, padding);
+    save_grid(ctx, output_height, output_width, sampling_ratio, aligned);
     const at::AutoDispatchBelowADInplaceOrView below;
-    static const auto forward_op = op<BoxFn>("hypercolumn_ops::box_hypercolumn");
-    return forward_op.call(features, boxes, output_height, output_width, scale_y, scale_x, padding);
+    return box_op().call(features, boxes, output_height, output_width, image_size, spatial_scale, padding,
+                           sampling_ratio, aligned);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved s = saved(ctx);
+    const SavedGrid g = saved_grid(ctx);
     const auto& backward_op = box_backward_op();
     return Gradients()
-        .add(backward_op.call(grads[0], s.features, s.rest[0], ctx->saved_data["output_height"].toInt(),
-                              ctx->saved_data["output_width"].toInt(), s.scale_y, s.scale_x, s.padding))
-        .none(6)
+        .add(backward_op.call(grads[0], s.features, s.rest[0], g.output_height, g.output_width, s.image_size,
+                              s.spatial_scale, s.padding, g.sampling_ratio, g.aligned))
+        .none(8)
         .done();
   }
 };
 
-void save_classifier(AutogradContext* ctx, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                     int64_t padding, int64_t activation, at::IntArrayRef orders) {
-  save_scales(ctx, scale_y, scale_x, padding);
+void save_classifier(AutogradContext* ctx, int64_t activation, at::IntArrayRef orders) {
   ctx->saved_data["activation"] = activation;
   ctx->saved_data["orders"] = orders.vec();
 }
@@ -168,11 +198,15 @@ void save_fused(AutogradContext* ctx, at::TensorList features, at::TensorList we
 }
 
 using FusedFn = at::Tensor(at::TensorList, const at::Tensor&, at::TensorList, const OptionalTensor&,
-                           const OptionalTensor&, int64_t, int64_t, at::ArrayRef<double>, at::ArrayRef<double>,
-                           int64_t, int64_t, at::IntArrayRef);
+                           const OptionalTensor&, int64_t, int64_t, Sizes, Scales, int64_t, int64_t, at::IntArrayRef,
+                           int64_t, bool);
 using FusedBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, const at::Tensor&, at::TensorList,
-                                   const OptionalTensor&, const OptionalTensor&, int64_t, int64_t,
-                                   at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t, at::IntArrayRef);
+                                   const OptionalTensor&, const OptionalTensor&, int64_t, int64_t, Sizes, Scales,
+                                   int64_t, int64_t, at::IntArrayRef, int64_t, bool);
+const c10::TypedOperatorHandle<FusedFn>& fused_op() {
+  static const auto handle = op<FusedFn>("hypercolumn_ops::fused_hypercolumn");
+  return handle;
+}
 const c10::TypedOperatorHandle<FusedBackwardFn>& fused_backward_op() {
   static const auto handle = op<FusedBackwardFn>("hypercolumn_ops::fused_hypercolumn_backward");
   return handle;
@@ -182,46 +216,49 @@ class FusedHypercolumn : public torch::autograd::Function<FusedHypercolumn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& boxes,
                             at::TensorList weights, const OptionalTensor& bias, const OptionalTensor& labels,
-                            int64_t output_height, int64_t output_width, at::ArrayRef<double> scale_y,
-                            at::ArrayRef<double> scale_x, int64_t padding, int64_t activation,
-                            at::IntArrayRef orders) {
+                            int64_t output_height, int64_t output_width, Sizes image_size, Scales spatial_scale,
+                            int64_t padding, int64_t activation, at::IntArrayRef orders, int64_t sampling_ratio,
+                            bool aligned) {
     save_fused(ctx, features, weights, {boxes, bias.value_or(at::Tensor()), labels.value_or(at::Tensor())});
-    save_classifier(ctx, scale_y, scale_x, padding, activation, orders);
-    ctx->saved_data["output_height"] = output_height;
-    ctx->saved_data["output_width"] = output_width;
+    save_scales(ctx, image_size, spatial_scale, padding);
+    save_classifier(ctx, activation, orders);
+    save_grid(ctx, output_height, output_width, sampling_ratio, aligned);
     const at::AutoDispatchBelowADInplaceOrView below;
-    static const auto forward_op = op<FusedFn>("hypercolumn_ops::fused_hypercolumn");
-    return forward_op.call(features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x,
-                           padding, activation, orders);
+    return fused_op().call(features, boxes, weights, bias, labels, output_height, output_width, image_size,
+                           spatial_scale, padding, activation, orders, sampling_ratio, aligned);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved s = saved(ctx);
+    const SavedGrid g = saved_grid(ctx);
     const size_t layers = s.features.size();
     const std::vector<at::Tensor> weights(s.rest.begin(), s.rest.begin() + layers);
     const at::Tensor &boxes = s.rest[layers], &bias = s.rest[layers + 1], &labels = s.rest[layers + 2];
     const auto& backward_op = fused_backward_op();
     auto [grad_features, grad_weights, grad_bias] = backward_op.call(
-        grads[0], s.features, boxes, weights, optional(bias), optional(labels),
-        ctx->saved_data["output_height"].toInt(), ctx->saved_data["output_width"].toInt(), s.scale_y, s.scale_x,
-        s.padding, ctx->saved_data["activation"].toInt(), ctx->saved_data["orders"].toIntVector());
+        grads[0], s.features, boxes, weights, optional(bias), optional(labels), g.output_height, g.output_width,
+        s.image_size, s.spatial_scale, s.padding, ctx->saved_data["activation"].toInt(),
+        ctx->saved_data["orders"].toIntVector(), g.sampling_ratio, g.aligned);
     return Gradients()
         .add(grad_features)
         .none(1)
         .add(grad_weights)
         .add(bias_grad(grad_bias, bias))
-        .none(8)
+        .none(10)
         .done();
   }
 };
 
 using FusedPointsFn = at::Tensor(at::TensorList, const at::Tensor&, const OptionalTensor&, at::TensorList,
-                                 const OptionalTensor&, const OptionalTensor&, at::ArrayRef<double>,
-                                 at::ArrayRef<double>, int64_t, int64_t, at::IntArrayRef);
+                                 const OptionalTensor&, const OptionalTensor&, Sizes, Scales, int64_t, int64_t,
+                                 at::IntArrayRef);
 using FusedPointsBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, const at::Tensor&, const OptionalTensor&,
-                                         at::TensorList, const OptionalTensor&, const OptionalTensor&,
-                                         at::ArrayRef<double>, at::ArrayRef<double>, int64_t, int64_t,
-                                         at::IntArrayRef);
+                                         at::TensorList, const OptionalTensor&, const OptionalTensor&, Sizes, Scales,
+                                         int64_t, int64_t, at::IntArrayRef);
+const c10::TypedOperatorHandle<FusedPointsFn>& fused_points_op() {
+  static const auto handle = op<FusedPointsFn>("hypercolumn_ops::fused_hypercolumn_points");
+  return handle;
+}
 const c10::TypedOperatorHandle<FusedPointsBackwardFn>& fused_points_backward_op() {
   static const auto handle = op<FusedPointsBackwardFn>("hypercolumn_ops::fused_hypercolumn_points_backward");
   return handle;
@@ -231,15 +268,15 @@ class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumn
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& points,
                             const OptionalTensor& locations, at::TensorList weights, const OptionalTensor& bias,
-                            const OptionalTensor& labels, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                            int64_t padding, int64_t activation, at::IntArrayRef orders) {
+                            const OptionalTensor& labels, Sizes image_size, Scales spatial_scale, int64_t padding,
+                            int64_t activation, at::IntArrayRef orders) {
     save_fused(ctx, features, weights,
                {points, locations.value_or(at::Tensor()), bias.value_or(at::Tensor()), labels.value_or(at::Tensor())});
-    save_classifier(ctx, scale_y, scale_x, padding, activation, orders);
+    save_scales(ctx, image_size, spatial_scale, padding);
+    save_classifier(ctx, activation, orders);
     const at::AutoDispatchBelowADInplaceOrView below;
-    static const auto forward_op = op<FusedPointsFn>("hypercolumn_ops::fused_hypercolumn_points");
-    return forward_op.call(features, points, locations, weights, bias, labels, scale_y, scale_x, padding, activation,
-                           orders);
+    return fused_points_op().call(features, points, locations, weights, bias, labels, image_size, spatial_scale, padding,
+                           activation, orders);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -250,8 +287,8 @@ class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumn
                      &labels = s.rest[layers + 3];
     const auto& backward_op = fused_points_backward_op();
     auto [grad_features, grad_weights, grad_bias] = backward_op.call(
-        grads[0], s.features, points, optional(locations), weights, optional(bias), optional(labels), s.scale_y,
-        s.scale_x, s.padding, ctx->saved_data["activation"].toInt(), ctx->saved_data["orders"].toIntVector());
+        grads[0], s.features, points, optional(locations), weights, optional(bias), optional(labels), s.image_size,
+        s.spatial_scale, s.padding, ctx->saved_data["activation"].toInt(), ctx->saved_data["orders"].toIntVector());
     return Gradients()
         .add(grad_features)
         .none(2)
@@ -261,6 +298,28 @@ class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumn
         .done();
   }
 };
+
+// Whether autograd has to see a call: grad mode is on and an input takes a gradient, or an input
+// carries a forward-mode tangent (which torch::autograd::Function refuses with an error). The
+// other calls run the operator below autograd at once, with no node and nothing saved: a forward
+// under torch.no_grad or of constants, and a backward operator as the engine runs it (grad mode
+// off unless create_graph=True). On a call of a few points that is about a quarter of its time.
+bool records_graph(at::TensorList features, at::TensorList weights = {}, const OptionalTensor& bias = {},
+                   const at::Tensor& grad = {}) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  const auto takes = [grad_mode](const at::Tensor& t) {
+    return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+  };
+  return std::any_of(features.begin(), features.end(), takes) || std::any_of(weights.begin(), weights.end(), takes) ||
+         (bias.has_value() && takes(*bias)) || takes(grad);
+}
+
+// Calls the operator of `handle` below autograd.
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& handle, const Args&... args) {
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return handle.call(args...);
+}
 
 // A backward operator, computed below autograd. Where its outputs need a graph (a backward pass
 // with create_graph=True), differentiating them raises.
@@ -292,23 +351,31 @@ std::vector<at::Tensor> differentiable(const at::Tensor& grad, at::TensorList fe
 }
 
 std::vector<at::Tensor> sparse_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
-                                                             const at::Tensor& points, at::ArrayRef<double> scale_y,
-                                                             at::ArrayRef<double> scale_x, int64_t padding) {
-  const std::vector<at::Tensor> inputs = differentiable(grad, features);
+                                                             const at::Tensor& points, Sizes image_size,
+                                                             Scales spatial_scale, int64_t padding) {
   const auto& backward_op = sparse_backward_op();
+  if (!records_graph(features, {}, {}, grad)) {
+    return call_below_autograd(backward_op, grad, features, points, image_size, spatial_scale, padding);
+  }
+  const std::vector<at::Tensor> inputs = differentiable(grad, features);
   return BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
-    return backward_op.call(grad, features, points, scale_y, scale_x, padding);
+    return backward_op.call(grad, features, points, image_size, spatial_scale, padding);
   });
 }
 
 std::vector<at::Tensor> box_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
                                                           const at::Tensor& boxes, int64_t output_height,
-                                                          int64_t output_width, at::ArrayRef<double> scale_y,
-                                                          at::ArrayRef<double> scale_x, int64_t padding) {
-  const std::vector<at::Tensor> inputs = differentiable(grad, features);
+                                                          int64_t output_width, Sizes image_size, Scales spatial_scale,
+                                                          int64_t padding, int64_t sampling_ratio, bool aligned) {
   const auto& backward_op = box_backward_op();
+  if (!records_graph(features, {}, {}, grad)) {
+    return call_below_autograd(backward_op, grad, features, boxes, output_height, output_width, image_size,
+                               spatial_scale, padding, sampling_ratio, aligned);
+  }
+  const std::vector<at::Tensor> inputs = differentiable(grad, features);
   return BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
-    return backward_op.call(grad, features, boxes, output_height, output_width, scale_y, scale_x, padding);
+    return backward_op.call(grad, features, boxes, output_height, output_width, image_size, spatial_scale, padding,
+                            sampling_ratio, aligned);
   });
 }
 
@@ -330,60 +397,83 @@ FusedGrads unflatten(const variable_list& flat) {
 FusedGrads fused_hypercolumn_backward_autograd(const at::Tensor& grad, at::TensorList features,
                                                const at::Tensor& boxes, at::TensorList weights,
                                                const OptionalTensor& bias, const OptionalTensor& labels,
-                                               int64_t output_height, int64_t output_width,
-                                               at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                                               int64_t padding, int64_t activation, at::IntArrayRef orders) {
-  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+                                               int64_t output_height, int64_t output_width, Sizes image_size,
+                                               Scales spatial_scale, int64_t padding, int64_t activation,
+                                               at::IntArrayRef orders, int64_t sampling_ratio, bool aligned) {
   const auto& backward_op = fused_backward_op();
-  return unflatten(BackwardOnce::apply(
-      backward_op.schema().name(), at::TensorList(inputs), [&] {
-        return flatten(backward_op.call(grad, features, boxes, weights, bias, labels, output_height, output_width,
-                                        scale_y, scale_x, padding, activation, orders));
-      }));
+  if (!records_graph(features, weights, bias, grad)) {
+    return call_below_autograd(backward_op, grad, features, boxes, weights, bias, labels, output_height,
+                               output_width, image_size, spatial_scale, padding, activation, orders, sampling_ratio,
+                               aligned);
+  }
+  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+  return unflatten(BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
+    return flatten(backward_op.call(grad, features, boxes, weights, bias, labels, output_height, output_width,
+                                    image_size, spatial_scale, padding, activation, orders, sampling_ratio, aligned));
+  }));
 }
 
 FusedGrads fused_hypercolumn_points_backward_autograd(const at::Tensor& grad, at::TensorList features,
                                                       const at::Tensor& points, const OptionalTensor& locations,
                                                       at::TensorList weights, const OptionalTensor& bias,
-                                                      const OptionalTensor& labels, at::ArrayRef<double> scale_y,
-                                                      at::ArrayRef<double> scale_x, int64_t padding,
-                                                      int64_t activation, at::IntArrayRef orders) {
-  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+                                                      const OptionalTensor& labels, Sizes image_size,
+                                                      Scales spatial_scale, int64_t padding, int64_t activation,
+                                                      at::IntArrayRef orders) {
   const auto& backward_op = fused_points_backward_op();
-  return unflatten(BackwardOnce::apply(
-      backward_op.schema().name(), at::TensorList(inputs), [&] {
-        return flatten(backward_op.call(grad, features, points, locations, weights, bias, labels, scale_y, scale_x,
-                                        padding, activation, orders));
-      }));
+  if (!records_graph(features, weights, bias, grad)) {
+    return call_below_autograd(backward_op, grad, features, points, locations, weights, bias, labels, image_size,
+                               spatial_scale, padding, activation, orders);
+  }
+  const std::vector<at::Tensor> inputs = differentiable(grad, features, weights, bias);
+  return unflatten(BackwardOnce::apply(backward_op.schema().name(), at::TensorList(inputs), [&] {
+    return flatten(backward_op.call(grad, features, points, locations, weights, bias, labels, image_size,
+                                    spatial_scale, padding, activation, orders));
+  }));
 }
 
-at::Tensor sparse_hypercolumn_autograd(at::TensorList features, const at::Tensor& points,
-                                       at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding) {
-  return SparseHypercolumn::apply(features, points, scale_y, scale_x, padding);
+at::Tensor sparse_hypercolumn_autograd(at::TensorList features, const at::Tensor& points, Sizes image_size,
+                                       Scales spatial_scale, int64_t padding) {
+  if (!records_graph(features)) {
+    return call_below_autograd(sparse_op(), features, points, image_size, spatial_scale, padding);
+  }
+  return SparseHypercolumn::apply(features, points, image_size, spatial_scale, padding);
 }
 
 at::Tensor box_hypercolumn_autograd(at::TensorList features, const at::Tensor& boxes, int64_t output_height,
-                                    int64_t output_width, at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                                    int64_t padding) {
-  return BoxHypercolumn::apply(features, boxes, output_height, output_width, scale_y, scale_x, padding);
+                                    int64_t output_width, Sizes image_size, Scales spatial_scale, int64_t padding,
+                                    int64_t sampling_ratio, bool aligned) {
+  if (!records_graph(features)) {
+    return call_below_autograd(box_op(), features, boxes, output_height, output_width, image_size, spatial_scale,
+                               padding, sampling_ratio, aligned);
+  }
+  return BoxHypercolumn::apply(features, boxes, output_height, output_width, image_size, spatial_scale, padding,
+                               sampling_ratio, aligned);
 }
 
 at::Tensor fused_hypercolumn_autograd(at::TensorList features, const at::Tensor& boxes, at::TensorList weights,
                                       const OptionalTensor& bias, const OptionalTensor& labels, int64_t output_height,
-                                      int64_t output_width, at::ArrayRef<double> scale_y,
-                                      at::ArrayRef<double> scale_x, int64_t padding, int64_t activation,
-                                      at::IntArrayRef orders) {
-  return FusedHypercolumn::apply(features, boxes, weights, bias, labels, output_height, output_width, scale_y,
-                                 scale_x, padding, activation, orders);
+                                      int64_t output_width, Sizes image_size, Scales spatial_scale, int64_t padding,
+                                      int64_t activation, at::IntArrayRef orders, int64_t sampling_ratio,
+                                      bool aligned) {
+  if (!records_graph(features, weights, bias)) {
+    return call_below_autograd(fused_op(), features, boxes, weights, bias, labels, output_height, output_width,
+                               image_size, spatial_scale, padding, activation, orders, sampling_ratio, aligned);
+  }
+  return FusedHypercolumn::apply(features, boxes, weights, bias, labels, output_height, output_width, image_size,
+                                 spatial_scale, padding, activation, orders, sampling_ratio, aligned);
 }
 
 at::Tensor fused_hypercolumn_points_autograd(at::TensorList features, const at::Tensor& points,
                                              const OptionalTensor& locations, at::TensorList weights,
                                              const OptionalTensor& bias, const OptionalTensor& labels,
-                                             at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                                             int64_t padding, int64_t activation, at::IntArrayRef orders) {
-  return FusedHypercolumnPoints::apply(features, points, locations, weights, bias, labels, scale_y, scale_x, padding,
-                                       activation, orders);
+                                             Sizes image_size, Scales spatial_scale, int64_t padding,
+                                             int64_t activation, at::IntArrayRef orders) {
+  if (!records_graph(features, weights, bias)) {
+    return call_below_autograd(fused_points_op(), features, points, locations, weights, bias, labels, image_size,
+                               spatial_scale, padding, activation, orders);
+  }
+  return FusedHypercolumnPoints::apply(features, points, locations, weights, bias, labels, image_size, spatial_scale,
+                                       padding, activation, orders);
 }
 
 }  // namespace

@@ -15,4 +15,11 @@ inline void check_index_values(const at::Tensor& values, int64_t size) {
   TORCH_CHECK(size >= 0, "size: expected a non-negative count, got ", size);
 }
 
+namespace cpu {
+
+// The CPU kernel (csrc/cpu/index_check.cpp), also called directly, without the dispatcher, by the
+// Python module's value check of CPU tensors (csrc/python_module.cpp).
+bool index_values_valid_cpu(const at::Tensor& values, int64_t size);
+
+}  // namespace cpu
 }  // namespace hypercolumn_ops

@@ -65,28 +65,29 @@ def register_fakes(namespace: str) -> None:
         return [torch.empty_like(f) for f in features]
 
     @torch.library.register_fake(lib + "sparse_hypercolumn")
-    def _(features, points, scale_y, scale_x, padding):
+    def _(features, points, image_size, spatial_scale, padding):
         torch._check(points.dim() == 2 and points.shape[1] == 3, lambda: "points: expected (N, 3)")
         channels = sum(f.shape[1] for f in features)
         return features[0].new_empty((points.shape[0], channels))
 
     @torch.library.register_fake(lib + "sparse_hypercolumn_backward")
-    def _(grad, features, points, scale_y, scale_x, padding):
+    def _(grad, features, points, image_size, spatial_scale, padding):
         return empty_features_like(features)
 
     @torch.library.register_fake(lib + "box_hypercolumn")
-    def _(features, boxes, output_height, output_width, scale_y, scale_x, padding):
+    def _(features, boxes, output_height, output_width, image_size, spatial_scale, padding, sampling_ratio, aligned):
         torch._check(boxes.dim() == 2 and boxes.shape[1] == 5, lambda: "boxes: expected (R, 5)")
         channels = sum(f.shape[1] for f in features)
         return features[0].new_empty((boxes.shape[0], channels, output_height, output_width))
 
     @torch.library.register_fake(lib + "box_hypercolumn_backward")
-    def _(grad, features, boxes, output_height, output_width, scale_y, scale_x, padding):
+    def _(grad, features, boxes, output_height, output_width, image_size, spatial_scale, padding, sampling_ratio,
+          aligned):
         return empty_features_like(features)
 
     @torch.library.register_fake(lib + "fused_hypercolumn")
-    def _(features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding,
-          activation, orders):
+    def _(features, boxes, weights, bias, labels, output_height, output_width, image_size, spatial_scale, padding,
+          activation, orders, sampling_ratio, aligned):
         return features[0].new_empty((boxes.shape[0], weights[0].shape[2], output_height, output_width))
 
     def fused_backward_fake(features, count, weights):
@@ -94,16 +95,16 @@ def register_fakes(namespace: str) -> None:
         return empty_features_like(features), [torch.empty_like(w) for w in weights], grad_bias
 
     @torch.library.register_fake(lib + "fused_hypercolumn_backward")
-    def _(grad, features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x,
-          padding, activation, orders):
+    def _(grad, features, boxes, weights, bias, labels, output_height, output_width, image_size, spatial_scale,
+          padding, activation, orders, sampling_ratio, aligned):
         return fused_backward_fake(features, boxes.shape[0], weights)
 
     @torch.library.register_fake(lib + "fused_hypercolumn_points")
-    def _(features, points, locations, weights, bias, labels, scale_y, scale_x, padding, activation, orders):
+    def _(features, points, locations, weights, bias, labels, image_size, spatial_scale, padding, activation, orders):
         return features[0].new_empty((points.shape[0], weights[0].shape[2]))
 
     @torch.library.register_fake(lib + "fused_hypercolumn_points_backward")
-    def _(grad, features, points, locations, weights, bias, labels, scale_y, scale_x, padding, activation,
+    def _(grad, features, points, locations, weights, bias, labels, image_size, spatial_scale, padding, activation,
           orders):
         return fused_backward_fake(features, points.shape[0], weights)
 
@@ -144,29 +145,33 @@ def register_autograd(namespace: str) -> None:
                 inputs.append(value)
         return inputs
 
+    def constants(values):
+        # The gradients of constant inputs: None each, but an empty list for an empty list
+        # (image_size or spatial_scale): autograd matches the inputs' structure, where an empty
+        # list is a node of no leaves.
+        return tuple([] if isinstance(value, list) and not value else None for value in values)
+
     def sparse_backward(ctx, grad):
-        features, points, scale_y, scale_x, padding = saved_inputs(ctx)
-        grads = ops.sparse_hypercolumn_backward(grad, features, points, scale_y, scale_x, padding)
-        return grads, None, None, None, None
+        inputs = saved_inputs(ctx)
+        return (ops.sparse_hypercolumn_backward(grad, *inputs),) + constants(inputs[1:])
 
     def box_backward(ctx, grad):
-        features, boxes, oh, ow, scale_y, scale_x, padding = saved_inputs(ctx)
-        grads = ops.box_hypercolumn_backward(grad, features, boxes, oh, ow, scale_y, scale_x, padding)
-        return grads, None, None, None, None, None, None
+        inputs = saved_inputs(ctx)
+        return (ops.box_hypercolumn_backward(grad, *inputs),) + constants(inputs[1:])
 
     def fused_backward(ctx, grad):
         inputs = saved_inputs(ctx)
         grad_features, grad_weights, grad_bias = ops.fused_hypercolumn_backward(grad, *inputs)
         bias = inputs[3]
-        return (grad_features, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
-                None, None, None, None, None, None, None, None)
+        return ((grad_features, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype))
+                + constants(inputs[4:]))
 
     def fused_points_backward(ctx, grad):
         inputs = saved_inputs(ctx)
         grad_features, grad_weights, grad_bias = ops.fused_hypercolumn_points_backward(grad, *inputs)
         bias = inputs[4]
-        return (grad_features, None, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype),
-                None, None, None, None, None, None)
+        return ((grad_features, None, None, grad_weights, None if bias is None else grad_bias.to(bias.dtype))
+                + constants(inputs[5:]))
 
     torch.library.register_autograd(lib + "sparse_hypercolumn", sparse_backward, setup_context=keep_inputs)
     torch.library.register_autograd(lib + "box_hypercolumn", box_backward, setup_context=keep_inputs)

@@ -5,19 +5,23 @@ the Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
 pure PyTorch on any device. Every backend offers the same four functions over the normalised
 arguments of ``csrc/ops.cpp``: ``torch.ops.hypercolumn_ops``, ``torch.ops.hypercolumn_ops_triton``
 and ``hypercolumn_ops.reference``.
+
+A ``use_backend`` block holds for the thread that enters it; torch.compile guards on the choice.
 """
 
 import contextlib
 import importlib.util
 import os
-from typing import Iterator, List, Optional, Union
+import threading
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
 NAMES = ("native", "triton", "reference")
+OPERATORS = ("sparse_hypercolumn", "box_hypercolumn", "fused_hypercolumn", "fused_hypercolumn_points")
 
-# A stack rather than a thread-local: torch.compile reads (and guards on) module globals.
-_forced: List[str] = []
+# Per thread: the stack of backends forced by use_backend blocks.
+_local = threading.local()
 
 # Looked up once, at import: torch.compile does not trace importlib (torch 2.11) or os.environ
 # (torch 2.4). Triton itself reads TRITON_INTERPRET once, when it is first imported.
@@ -44,7 +48,14 @@ def _triton_available(device_type: str) -> bool:
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
-    """Backends that can run on ``device``, best first (``"reference"`` is always last)."""
+    """Backends that can run on ``device``, best first (``"reference"`` is always last).
+
+    Args:
+        device: a device or device type, e.g. ``"cpu"`` or ``torch.device("cuda", 1)``.
+
+    Returns:
+        Names, e.g. ``["native", "triton", "reference"]`` on a GPU with the extension built.
+    """
     device_type = _device_type(device)
     names = []
     if native_available(device_type):
@@ -57,46 +68,81 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force backend ``name`` for the operator calls inside the block.
+    """Force backend ``name`` for the operator calls inside the block, in this thread.
+
+    Args:
+        name: ``"native"``, ``"triton"`` or ``"reference"``.
 
     Raises ``ValueError`` for an unknown name; a call inside the block raises ``ValueError`` if
-    the backend cannot run on its tensors' device.
+    the backend cannot run on its tensors' device::
+
+        with hypercolumn_ops.use_backend("reference"):
+            expected = hypercolumn_ops.fused_hypercolumn(features, boxes, weights, image_size=(H, W))
     """
     if name not in NAMES:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(NAMES)}")
     if name != "reference" and not any(name in available_backends(d) for d in ("cpu", "cuda")):
         raise ValueError(f"use_backend: backend {name!r} is not available here "
                          f"(available on cpu: {available_backends('cpu')})")
-    _forced.append(name)
+    forced = getattr(_local, "forced", None)
+    if forced is None:
+        forced = _local.forced = []
+    forced.append(name)
     try:
         yield
     finally:
-        _forced.pop()
+        forced.pop()
 
 
 def current_backend() -> Optional[str]:
-    """The backend forced by the innermost ``use_backend`` block, or None."""
-    return _forced[-1] if _forced else None
+    """The backend forced by this thread's innermost ``use_backend`` block, or None."""
+    forced = getattr(_local, "forced", None)
+    return forced[-1] if forced else None
 
 
-def backend_module(device: torch.device):
-    """The implementation of the four operators for tensors on ``device``: an object whose
-    ``sparse_hypercolumn``, ``box_hypercolumn``, ``fused_hypercolumn`` and
-    ``fused_hypercolumn_points`` take the normalised arguments (an operator namespace of
-    ``torch.ops``, or the reference module)."""
-    name = current_backend()
-    available = available_backends(device)
-    if name is None:
-        name = available[0]
-    elif name not in available:
-        raise ValueError(f"use_backend: backend {name!r} cannot run on {device.type} tensors "
+# The operators of each backend, {name: callable}, built on first use (a plain dict, which
+# torch.compile traces, also when the first use is inside a compiled function): the native and
+# Triton ones are the `.default` overloads (calling an overload packet costs the host a lookup).
+_MODULES: Dict[str, Dict[str, object]] = {}
+# The best backend of each device type: fixed once the extension is loaded and CUDA is known.
+_DEFAULTS: Dict[str, Dict[str, object]] = {}
+
+
+def _namespace(name: str) -> Dict[str, object]:
+    module = _MODULES.get(name)
+    if module is None:
+        if name == "native":
+            ops = torch.ops.hypercolumn_ops
+        elif name == "triton":
+            from . import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
+
+            ops = torch.ops.hypercolumn_ops_triton
+        else:
+            from . import reference as ops
+        if name == "reference":
+            module = {op: getattr(ops, op) for op in OPERATORS}
+        else:
+            module = {op: getattr(ops, op).default for op in OPERATORS}
+        _MODULES[name] = module
+    return module
+
+
+def backend_module(value: torch.Tensor) -> Dict[str, object]:
+    """The implementation of the four operators for tensors on ``value``'s device: a dict from
+    ``"sparse_hypercolumn"``, ``"box_hypercolumn"``, ``"fused_hypercolumn"`` and
+    ``"fused_hypercolumn_points"`` to callables that take the normalised arguments (operators of
+    ``torch.ops``, or the reference's functions). Every operator call asks: the common case (no
+    ``use_backend`` block, a CPU or CUDA tensor) reads two flags and a dict."""
+    forced = getattr(_local, "forced", None)
+    device_type = "cpu" if value.is_cpu else "cuda" if value.is_cuda else value.device.type
+    if not forced:
+        module = _DEFAULTS.get(device_type)
+        if module is None:
+            module = _DEFAULTS[device_type] = _namespace(available_backends(device_type)[0])
+        return module
+    name = forced[-1]
+    available = available_backends(device_type)
+    if name not in available:
+        raise ValueError(f"use_backend: backend {name!r} cannot run on {device_type} tensors "
                          f"(available: {available})")
-    if name == "native":
-        return torch.ops.hypercolumn_ops
-    if name == "triton":
-        from . import triton_backend  # noqa: F401  (registers torch.ops.hypercolumn_ops_triton)
-
-        return torch.ops.hypercolumn_ops_triton
-    from . import reference
-
-    return reference
+    return _namespace(name)

@@ -18,6 +18,16 @@ IMAGE = (19, 23)  # (H, W) of the image the network saw
 # Layers at strides ~2, ~4 and ~8 of IMAGE (not exact: scales need not be round), odd channel counts.
 LAYER_SHAPES = ((3, 10, 12), (5, 5, 6), (7, 3, 3))
 BATCH = 2
+# Where the normalised arguments of a fused operator (csrc/ops.cpp's schema) hold the per-layer
+# evaluation orders.
+ORDERS_AT = {"fused_hypercolumn": 11, "fused_hypercolumn_points": 10}
+
+
+def with_orders(op: str, args, orders) -> List:
+    """The normalised arguments ``args`` of fused operator ``op`` with ``orders`` instead."""
+    args = list(args)
+    args[ORDERS_AT[op]] = orders
+    return args
 
 
 @dataclass

@@ -9,6 +9,9 @@
   CPU tensors through Triton's interpreter, so their tests run in CI too. It must be set before
   triton is imported, hence here, before torch.
 - ``needs_cuda``: tests marked with it are skipped where no CUDA device is visible.
+- ``slow``: the long sets (random seeds, the emulated CUDA kernels over every case, AOTInductor,
+  training, interpreter sweeps). ``pytest -m "not slow"`` is the quick tier, which still runs every
+  operator on every backend; ``pytest tests`` (CI) runs both.
 """
 
 import os
@@ -29,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A test (or the example it runs in-process) that switches autograd off globally would make
+    every later gradient test fail far from the cause; this names the test that did it."""
+    enabled = torch.is_grad_enabled()
+    yield
+    if torch.is_grad_enabled() != enabled:
+        torch.set_grad_enabled(enabled)
+        pytest.fail("the test left torch's grad mode changed")

@@ -41,7 +41,7 @@ def run_in_order(case, module, order=None):
     # Normalised afresh each time: it picks class bias rows, a step of the autograd graph.
     args = list(getattr(public, "normalise_" + case.op)(*case.args, **case.kwargs))
     if order is not None and case.op.startswith("fused"):
-        args[-1] = [order] * len(args[0])
+        args = cases.with_orders(case.op, args, [order] * len(args[0]))
     return getattr(module, case.op)(*args)
 
 
@@ -131,6 +131,55 @@ def block_path_cases(dtype, device) -> List[cases.Case]:
                            {"image_size": cases.IMAGE}, f"many-channels-{layout}"),
                 cases.Case("box_hypercolumn", (f, cases.boxes(5, torch.float32, device, g), (5, 7)),
                            {"image_size": cases.IMAGE, "padding": "zeros"}, f"many-channels-{layout}")]
+    return out
+
+
+# roi_align's samplings of a box grid's cells: sampling_ratio (fixed, or adaptive when <= 0) x aligned.
+SAMPLINGS = [(ratio, aligned) for ratio in (1, 2, 3, 0, -1) for aligned in (True, False)]
+PADDINGS = ("border", "zeros", "zeros_per_tap")
+
+
+def sampling_option_cases(device) -> List[cases.Case]:
+    """Cases of the sampling options, float64: padding ``"zeros_per_tap"`` on the point operators
+    (points inside, on and across the border, far outside), and on the box operators every
+    ``(sampling_ratio, aligned)`` of SAMPLINGS, the three paddings in turn, over boxes inside,
+    across and outside the image, reversed, empty, under one feature pixel (``aligned=False``
+    widens them to one) and whose corners sit on pixel edges. A box grid whose cells average
+    several samples takes other kernel paths (each sample's taps, and per-pixel gathers in
+    deterministic mode). Small (3 x 4 grids, a few boxes): the CUDA emulation runs every sample of
+    every channel in a thread of its own."""
+    g = torch.Generator().manual_seed(31)
+    out = []
+    for index, layout in enumerate(("channels_last", "contiguous")):
+        f = cases.features(torch.float64, device, layout, g, requires_grad=True)
+        w = cases.classifier(3, 2, 2, torch.float64, device, g, requires_grad=True)
+        points = cases.points(8, torch.float32, device, g)
+        labels = torch.randint(0, 2, (len(points),), generator=g).to(device)
+        locations = torch.rand(len(points), 2, generator=g, dtype=torch.float64).to(device)
+        scale = {"image_size": cases.IMAGE}
+        out += [cases.Case("sparse_hypercolumn", (f, points), dict(scale, padding="zeros_per_tap"), layout),
+                cases.Case("fused_hypercolumn_points", (f, points, w),
+                           dict(scale, padding="zeros_per_tap", labels=labels, locations=locations,
+                                activation="sigmoid"), layout)]
+    boxes = torch.cat([cases.boxes(2, torch.float32, device, g),
+                       torch.tensor([[0, 9.0, 7.0, 2.0, 1.0],      # reversed
+                                     [1, 3.0, 3.0, 3.0, 8.0],      # no width
+                                     [0, 4.2, 5.1, 4.9, 5.3],      # under one pixel of every layer
+                                     [1, -9.0, -6.0, -1.0, -2.0],  # wholly outside
+                                     [0, 2.0, 4.0, 10.0, 12.0]],   # on pixel edges of the finest layer
+                                    device=device)])
+    labels = torch.randint(0, 2, (len(boxes),), generator=g).to(device)
+    for index, (ratio, aligned) in enumerate(SAMPLINGS):
+        layout = ("contiguous", "channels_last", "strided")[index % 3]
+        padding = PADDINGS[index % 3]
+        f = cases.features(torch.float64, device, layout, g, requires_grad=True)
+        w = cases.classifier(3, 2, 2, torch.float64, device, g, requires_grad=True)
+        bias = torch.randn(2, 9, 2, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+        options = dict(image_size=cases.IMAGE, padding=padding, sampling_ratio=ratio, aligned=aligned)
+        name = f"ratio{ratio}-{'aligned' if aligned else 'unaligned'}-{padding}-{layout}"
+        out += [cases.Case("box_hypercolumn", (f, boxes, (3, 4)), options, name),
+                cases.Case("fused_hypercolumn", (f, boxes, w, bias),
+                           dict(options, output_size=(3, 4), labels=labels, activation="sigmoid"), name)]
     return out
 
 
@@ -343,8 +392,7 @@ def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> No
     labels[-1] = 7  # an invalid label on an otherwise good row
     locations = torch.rand(len(points), 2, generator=g, dtype=torch.float64).to(device)
     inputs = list(f) + list(w)
-    hypercolumn_ops.set_value_checks(False)
-    try:
+    with hypercolumn_ops.set_value_checks(False):
         for op, kwargs, keep in (
                 ("sparse_hypercolumn", {}, valid_point),
                 ("fused_hypercolumn_points", {"labels": labels, "locations": locations}, valid_point & (labels < 4))):
@@ -362,8 +410,6 @@ def check_invalid_rows(device, call: Callable[[cases.Case], torch.Tensor]) -> No
             torch.testing.assert_close(everything[0][keep], subset[0], rtol=RTOL64, atol=ATOL64)
             for a, b in zip(everything[1], subset[1]):
                 torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
-    finally:
-        hypercolumn_ops.set_value_checks(True)
 
 
 def check_empty_batch(device, call: Callable[[cases.Case], torch.Tensor]) -> None:
@@ -376,8 +422,7 @@ def check_empty_batch(device, call: Callable[[cases.Case], torch.Tensor]) -> Non
     points = cases.points(4, torch.float32, device, g, batch=1)
     boxes = cases.boxes(3, torch.float32, device, g, batch=1)
     scale = {"image_size": cases.IMAGE}
-    hypercolumn_ops.set_value_checks(False)
-    try:
+    with hypercolumn_ops.set_value_checks(False):
         for layout in ("contiguous", "channels_last"):
             f = cases.features(torch.float64, device, layout, g, requires_grad=True, shapes=shapes, batch=0)
             w = cases.classifier(3, 2, None, torch.float64, device, g, requires_grad=True, shapes=shapes)
@@ -390,8 +435,6 @@ def check_empty_batch(device, call: Callable[[cases.Case], torch.Tensor]) -> Non
                 assert out.shape[0] == len(case.args[1]), (case.op, layout, out.shape)  # one per point or box
                 assert torch.isnan(out).all(), (case.op, layout)
                 assert all(not grad.any() for grad in grads), (case.op, layout)
-    finally:
-        hypercolumn_ops.set_value_checks(True)
 
 
 # A case of each operator for check_cuda_graph: the fused ones with labels, so that both value

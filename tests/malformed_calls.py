@@ -6,8 +6,10 @@ or a read out of bounds.
 ``malformed_calls(seed, device)`` starts from ``random_cases.random_case(seed)``'s normalised
 arguments and yields ``(what, op, args)``, each with one argument replaced: a layer dropped, of
 another batch size, rank, dtype or height 0; coordinate rows with a column too few or too many, of
-another dtype, strided, out-of-range batch indices; scale lists too short or long, NaN, negative,
-zero or huge; an unknown padding or activation; grid sizes 0 and negative; weights dropped or of
+another dtype, strided, out-of-range batch indices; image sizes of the wrong length, zero,
+negative or huge, both or neither of image_size and spatial_scale, scale lists too short or long,
+NaN, negative, zero or huge; an unknown padding or activation; sampling ratios past the bound;
+grid sizes 0 and negative; weights dropped or of
 another C_l, KK, M, NC, rank or dtype; bias rows too few or too many, of another shape or dtype;
 labels missing, unexpected, short, float, int32, huge, negative or 2-D; locations missing, short,
 of three columns, another dtype, huge, NaN or strided; orders too short, too long or unknown.
@@ -40,9 +42,9 @@ def malformed_calls(seed: int, device) -> Iterator[Tuple[str, str, List]]:
     op = case.op
     fused = op.startswith("fused")
     # Positions in the normalised arguments (csrc/ops.cpp's schema).
-    rows_at, scales_at = 1, {"sparse_hypercolumn": 2, "box_hypercolumn": 4, "fused_hypercolumn": 7,
-                             "fused_hypercolumn_points": 6}[op]
-    padding_at = scales_at + 2
+    rows_at, size_at = 1, {"sparse_hypercolumn": 2, "box_hypercolumn": 4, "fused_hypercolumn": 7,
+                           "fused_hypercolumn_points": 6}[op]
+    scales_at, padding_at = size_at + 1, size_at + 2
     features, rows = args[0], args[rows_at]
     last = features[-1]
 
@@ -60,14 +62,23 @@ def malformed_calls(seed: int, device) -> Iterator[Tuple[str, str, List]]:
     yield "strided rows", op, _with(args, rows_at, rows.t().contiguous().t())
     yield "batch indices past B", op, _with(args, rows_at, torch.cat([rows[:, :1] + 1000, rows[:, 1:]], 1))
     yield "batch indices far below 0", op, _with(args, rows_at, torch.cat([rows[:, :1] - 1e9, rows[:, 1:]], 1))
-    for at in (scales_at, scales_at + 1):
-        scales = args[at]
-        yield "a scale list too short", op, _with(args, at, scales[:-1])
-        yield "a scale list too long", op, _with(args, at, scales + [1.0])
-        for value in (float("nan"), -1.0, 0.0, 1e300):
-            yield f"scales {value}", op, _with(args, at, [value] * len(scales))
-    yield "padding 2", op, _with(args, padding_at, 2)
+    layers = len(features)
+    scaled = _with(_with(args, size_at, []), scales_at, [0.5] * layers)
+    sized = _with(_with(args, size_at, [40, 50]), scales_at, [])
+    yield "both image_size and spatial_scale", op, _with(sized, scales_at, [0.5] * layers)
+    yield "neither image_size nor spatial_scale", op, _with(sized, size_at, [])
+    for size in ([40], [40, 50, 60], [0, 50], [40, -2], [2 ** 62, 1]):
+        yield f"image_size {size}", op, _with(sized, size_at, size)
+    yield "a scale list too short", op, _with(scaled, scales_at, [0.5] * (layers - 1))
+    yield "a scale list too long", op, _with(scaled, scales_at, [0.5] * (layers + 1))
+    for value in (float("nan"), -1.0, 0.0, 1e300):
+        yield f"scales {value}", op, _with(scaled, scales_at, [value] * layers)
+    yield "padding 3", op, _with(args, padding_at, 3)
     yield "padding -1", op, _with(args, padding_at, -1)
+    if op in ("box_hypercolumn", "fused_hypercolumn"):
+        sampling_at = 7 if op == "box_hypercolumn" else 12
+        yield "sampling_ratio 1025", op, _with(args, sampling_at, 1025)
+        yield "sampling_ratio 2^40", op, _with(args, sampling_at, 2 ** 40)
     if op != "sparse_hypercolumn" and op != "fused_hypercolumn_points":
         grid_at = 2 if op == "box_hypercolumn" else 5
         yield "grid height 0", op, _with(args, grid_at, 0)
@@ -106,12 +117,13 @@ def malformed_calls(seed: int, device) -> Iterator[Tuple[str, str, List]]:
     yield "labels of 2^40", op, _with(args, labels_at, new(count, kind=torch.int64) + 2 ** 40)
     yield "labels of -5", op, _with(args, labels_at, new(count, kind=torch.int64) - 5)
     yield "2-D labels", op, _with(args, labels_at, new(count, 1, kind=torch.int64))
-    yield "activation 7", op, _with(args, len(args) - 2, 7)
-    orders = args[-1]
-    yield "orders too short", op, _with(args, len(args) - 1, orders[:-1])
-    yield "orders too long", op, _with(args, len(args) - 1, orders + [0])
-    yield "orders 2", op, _with(args, len(args) - 1, [2] * len(orders))
-    yield "orders -1", op, _with(args, len(args) - 1, [-1] * len(orders))
+    activation_at, orders_at = padding_at + 1, padding_at + 2
+    yield "activation 7", op, _with(args, activation_at, 7)
+    orders = args[orders_at]
+    yield "orders too short", op, _with(args, orders_at, orders[:-1])
+    yield "orders too long", op, _with(args, orders_at, orders + [0])
+    yield "orders 2", op, _with(args, orders_at, [2] * len(orders))
+    yield "orders -1", op, _with(args, orders_at, [-1] * len(orders))
     if op == "fused_hypercolumn_points":
         kind = rows.dtype
         yield "no locations", op, _with(args, 2, None)

@@ -6,7 +6,8 @@ beside the kernels' block widths (32, 64, 128), layers of no channels, 1 x 1 and
 maps larger than the image, score channels at and beside 32 (the CUDA small-projection limit), K
 up to 6 on grids smaller than K, one and many layers, batch indices of every image, coordinates
 on pixel centres, borders and corners, far outside and huge, boxes backwards and degenerate,
-lists of boxes with empty images, every bias form, both activations and paddings, three memory
+lists of boxes with empty images, every bias form, both activations, the three paddings, every
+sampling of box grids (``sampling_ratio`` 1, 2, 3 and adaptive, ``aligned`` or not), three memory
 layouts.
 
 ``random_case(seed)`` is reproducible: a failing test names its seed.
@@ -61,16 +62,30 @@ def _coordinate(r: random.Random, size: float) -> float:
         return float(r.choice((0, int(size), r.randint(0, int(size)))))
     if kind < 0.9:
         return r.uniform(-4.0 * size - 50.0, 4.0 * size + 50.0)
-    return r.choice((-1.0, 1.0)) * r.choice((1e4, 3e9, 1e30))
+    # Huge, up to where feature coordinates (times scales up to 1.7) or box extents overflow
+    # float32 (3e38) or float64 (1e308): such points clamp, such boxes are invalid.
+    return r.choice((-1.0, 1.0)) * r.choice((1e4, 3e9, 1e30, 3e38, 1e308))
 
 
-def _rows(r: random.Random, count: int, batch: int, image, corners: int, device) -> torch.Tensor:
+def _adaptive_box(r: random.Random, image) -> List[float]:
+    """Corners of a box for adaptive sampling, whose sample counts grow with its extent: near the
+    image and at most 12 pixels a side (a few samples a cell: the CUDA emulation and Triton's
+    interpreter run each one), sometimes empty or reversed."""
+    height, width = image
+    x1, y1 = r.uniform(-3.0, width + 3.0), r.uniform(-3.0, height + 3.0)
+    return [x1, y1, x1 + r.choice((0.0, r.uniform(-4.0, 12.0))), y1 + r.choice((0.0, r.uniform(-4.0, 12.0)))]
+
+
+def _rows(r: random.Random, count: int, batch: int, image, corners: int, device, adaptive: bool = False) -> torch.Tensor:
     height, width = image
     rows = []
     for _ in range(count):
         row = [float(r.randrange(batch))]
-        for corner in range(corners):
-            row += [_coordinate(r, width), _coordinate(r, height)]
+        if adaptive:
+            row += _adaptive_box(r, image)
+        else:
+            for corner in range(corners):
+                row += [_coordinate(r, width), _coordinate(r, height)]
         rows.append(row)
     dtype = r.choice((torch.float32, torch.float32, torch.float64))
     return torch.tensor(rows, dtype=dtype).reshape(count, 1 + 2 * corners).to(device)
@@ -101,12 +116,18 @@ def random_case(seed: int, dtype=torch.float64, device="cpu", max_values: int = 
     batch = r.choice((1, 1, 2, 3))
     image = (r.randint(1, 40), r.randint(1, 40))
     maps, layout = _features(r, g, batch, dtype, device, max_values)
-    kwargs = dict(_scales(r, maps, image), padding=r.choice(("border", "zeros")))
-    name = [f"seed{seed}", f"B{batch}", "C" + "-".join(str(m.shape[1]) for m in maps), layout]
+    kwargs = dict(_scales(r, maps, image), padding=r.choice(("border", "zeros", "zeros_per_tap")))
+    name = [f"seed{seed}", f"B{batch}", "C" + "-".join(str(m.shape[1]) for m in maps), layout, kwargs["padding"]]
     if op in ("sparse_hypercolumn", "fused_hypercolumn_points"):
         rows = _rows(r, _count(r, max_rows), batch, image, 1, device)
     else:
-        rows = _rows(r, _count(r, max(1, max_rows // 4)), batch, image, 2, device)
+        # roi_align's sampling: the default (one sample at each grid point) half the time.
+        if r.random() < 0.5:
+            kwargs["sampling_ratio"] = r.choice((1, 2, 3, 0, -1))
+            kwargs["aligned"] = r.random() < 0.5
+            name.append(f"ratio{kwargs['sampling_ratio']}-{'aligned' if kwargs['aligned'] else 'unaligned'}")
+        adaptive = kwargs.get("sampling_ratio", 1) <= 0
+        rows = _rows(r, _count(r, max(1, max_rows // 4)), batch, image, 2, device, adaptive)
         if r.random() < 0.25:  # torchvision's form: a list of (R_b, 4), images may have none
             rows = [rows[rows[:, 0] == b, 1:] for b in range(r.randint(1, batch))]
     count = len(rows) if isinstance(rows, torch.Tensor) else sum(len(p) for p in rows)

@@ -1,11 +1,11 @@
-"""The public face: one test per bad-input case of the contract (exception type, and a message
-that names the argument), backend selection, the value-check switch."""
+"""The public face: one test per bad-input case of docs/semantics.md (exception type, and a
+message that names the argument), backend selection, the value-check switch."""
 
 import pytest
 import torch
 
 import hypercolumn_ops
-from hypercolumn_ops import ops
+from hypercolumn_ops import _validation, ops
 
 IMAGE = (16, 20)
 
@@ -51,7 +51,7 @@ def value_check(request, monkeypatch):
     """The value checks through the compiled ``index_values_valid``, and through the torch ops
     that stand in for it where the extension is not built (or built without CUDA)."""
     if request.param == "torch-ops":
-        monkeypatch.setattr(ops, "native_available", lambda device_type: False)
+        monkeypatch.setattr(_validation, "native_available", lambda device_type: False)
     return request.param
 
 
@@ -237,13 +237,9 @@ def test_valid_batch_indices_pass(op, value_check):
 def test_value_checks_off_gives_nan_not_a_crash(backend):
     points = POINTS.clone()
     points[1, 0] = 7.0
-    hypercolumn_ops.set_value_checks(False)
-    try:
-        with hypercolumn_ops.use_backend(backend):
-            out = call("sparse_hypercolumn", points=points)
-            fused = call("fused_hypercolumn", weights=cls(classes=3), labels=torch.tensor([0, 5]))
-    finally:
-        hypercolumn_ops.set_value_checks(True)
+    with hypercolumn_ops.set_value_checks(False), hypercolumn_ops.use_backend(backend):
+        out = call("sparse_hypercolumn", points=points)
+        fused = call("fused_hypercolumn", weights=cls(classes=3), labels=torch.tensor([0, 5]))
     assert out[0].isfinite().all() and out[1].isnan().all()
     assert fused[0].isfinite().all() and fused[1].isnan().all()
 
@@ -282,16 +278,20 @@ def test_coordinates_of_another_dtype_are_accepted():
 
 
 def test_normalised_arguments():
-    features, boxes, weights, bias, labels, oh, ow, sy, sx, padding, activation, orders = \
-        ops.normalise_fused_hypercolumn(maps(), [BOXES[:1, 1:], BOXES[1:, 1:]], cls(classes=3),
-                                        torch.randn(3, 4, 2), output_size=5, image_size=IMAGE,
-                                        labels=torch.tensor([1, 2]), activation="sigmoid", padding="zeros")
+    (features, boxes, weights, bias, labels, oh, ow, size, scales, padding, activation, orders, sampling_ratio,
+     aligned) = ops.normalise_fused_hypercolumn(maps(), [BOXES[:1, 1:], BOXES[1:, 1:]], cls(classes=3),
+                                                torch.randn(3, 4, 2), output_size=5, image_size=IMAGE,
+                                                labels=torch.tensor([1, 2]), activation="sigmoid", padding="zeros",
+                                                sampling_ratio=-2, aligned=False)
     assert boxes.tolist() == BOXES.tolist()
     assert [tuple(w.shape) for w in weights] == [(3, 4, 2, 3), (3, 4, 2, 5)]
     assert bias.shape == (2, 4, 2)
-    assert (oh, ow, padding, activation) == (5, 5, 1, 1)
-    assert sy == [8 / 16, 4 / 16] and sx == [10 / 20, 5 / 20]
+    assert (oh, ow, padding, activation, sampling_ratio, aligned) == (5, 5, 1, 1, -2, False)
+    assert size == list(IMAGE) and scales == []
     assert len(orders) == 2
+    _, _, size, scales, padding = ops.normalise_sparse_hypercolumn(maps(), POINTS, spatial_scale=[0.5, 0.25],
+                                                                   padding="zeros_per_tap")
+    assert size == [] and scales == [0.5, 0.25] and padding == 2
 
 
 def test_extension_built_for_another_torch_is_refused():
@@ -300,3 +300,235 @@ def test_extension_built_for_another_torch_is_refused():
     with pytest.raises(ImportError, match="pip install --no-build-isolation -e ."):
         _native.check_build({"torch_version": "2.3.1", "with_cuda": False}, running="2.14.1+cu130")
     _native.check_build({"torch_version": "2.14.1", "with_cuda": False}, running="2.14.1+cu130")
+
+
+# ----------------------------------------------------------------------------- edge inputs
+
+
+@pytest.mark.parametrize("op", WITH_POINTS + WITH_BOXES)
+def test_float64_batch_index_is_checked_before_rounding(op):
+    """A float64 batch index of 1 - 1e-12 is not an integer, though it rounds to 1.0 in float32 (the
+    coordinates of float32 features): refused where values are checked, an invalid (NaN) row
+    where they are not, never image 1."""
+    key = "points" if op in WITH_POINTS else "boxes"
+    rows = (POINTS if op in WITH_POINTS else BOXES).double()
+    rows[1, 0] = 1 - 1e-12
+    expect(ValueError, key, op, **{key: rows})
+    with hypercolumn_ops.set_value_checks(False):
+        out = call(op, **{key: rows})
+    assert out[0].isfinite().all() and out[1].isnan().all()
+
+
+@pytest.mark.parametrize("op", ALL)
+@pytest.mark.parametrize("scale", ["842", b"5", [0.5, "0.25"], torch.tensor(0.5), True])
+def test_spatial_scale_of_another_type(op, scale):
+    expect(TypeError, "spatial_scale", op, image_size=None, spatial_scale=scale)
+
+
+@pytest.mark.parametrize("op", ALL)
+@pytest.mark.parametrize("scale", [1e-50, 1e39, float("inf"), float("nan")])
+def test_spatial_scale_outside_float32(op, scale):
+    """Scales that float32 kernels would turn into 0 or inf are refused for float32 features."""
+    expect(ValueError, "spatial_scale", op, image_size=None, spatial_scale=scale)
+
+
+def test_tiny_spatial_scale_runs_in_float64():
+    f64 = [m.double() for m in maps()]
+    out = hypercolumn_ops.sparse_hypercolumn(f64, POINTS.double(), spatial_scale=1e-50)
+    # Every point maps to feature coordinate -0.5: clamped to the first pixel of each map.
+    expected = torch.cat([f[POINTS[:, 0].long(), :, 0, 0] for f in f64], dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ALL)
+@pytest.mark.parametrize("size", ["16x20", (16,), (16, 20, 3), (16.5, 20), (16, None), 16, torch.tensor([16, 20])])
+def test_image_size_malformed(op, size):
+    expect(ValueError, "image_size", op, image_size=size)
+
+
+def test_image_size_of_integral_floats_and_torch_size():
+    features = maps()
+    expected = call("sparse_hypercolumn", features=features)
+    for size in ((16.0, 20.0), torch.Size(IMAGE)):
+        torch.testing.assert_close(call("sparse_hypercolumn", features=features, image_size=size), expected,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ALL)
+@pytest.mark.parametrize("padding", [None, ["border"], "Border", 1])
+def test_padding_malformed(op, padding):
+    expect(ValueError, "padding", op, padding=padding)
+
+
+@pytest.mark.parametrize("op", FUSED)
+@pytest.mark.parametrize("activation", [1, ["sigmoid"], "Sigmoid"])
+def test_activation_malformed(op, activation):
+    expect(ValueError, "activation", op, activation=activation)
+
+
+@pytest.mark.parametrize("op", WITH_BOXES)
+@pytest.mark.parametrize("name, value", [("sampling_ratio", 1.5), ("sampling_ratio", True), ("sampling_ratio", "2"),
+                                         ("aligned", 1), ("aligned", "yes"), ("aligned", None)])
+def test_sampling_arguments_malformed(op, name, value):
+    expect(TypeError, name, op, **{name: value})
+
+
+@pytest.mark.parametrize("op", WITH_BOXES)
+def test_sampling_arguments_only_for_boxes(op):
+    other = "sparse_hypercolumn" if op == "box_hypercolumn" else "fused_hypercolumn_points"
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        call(other, sampling_ratio=2)
+
+
+@pytest.mark.parametrize("op", ["sparse_hypercolumn", "box_hypercolumn"])
+def test_mixed_float64_features_promote_under_autocast(op):
+    """Under autocast the sampling operators promote mixed features to the widest, as torch.cat:
+    float64 with float32 gives float64 (autocast never casts float64)."""
+    mixed = [maps()[0].double(), maps()[1]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(op, features=mixed)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, call(op, features=[f.double() for f in mixed]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", FUSED)
+def test_float64_feature_runs_fused_in_float64_under_autocast(op):
+    """A fused call with a float64 map under autocast runs in float64 (autocast casts float32 down
+    but never float64; mixing the two would not run)."""
+    mixed, weights = [maps()[0].double(), maps()[1]], cls()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(op, features=mixed, weights=weights)
+    assert out.dtype == torch.float64
+    expected = call(op, features=[f.double() for f in mixed], weights=[w.double() for w in weights])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_use_backend_is_per_thread():
+    """A use_backend block holds for its own thread only."""
+    import threading
+
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with hypercolumn_ops.use_backend("reference"):
+            entered.set()
+            leave.wait(10)
+            seen.append(hypercolumn_ops.backends.current_backend())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        assert hypercolumn_ops.backends.current_backend() is None
+        with hypercolumn_ops.use_backend("native"):
+            assert hypercolumn_ops.backends.current_backend() == "native"
+    finally:
+        leave.set()
+        thread.join(10)
+    assert seen == ["reference"]
+
+
+def test_value_checks_setting_is_per_thread_and_restores():
+    import threading
+
+    seen = []
+    with hypercolumn_ops.set_value_checks(False):
+        thread = threading.Thread(target=lambda: seen.append(_validation._value_checks_mode()))
+        thread.start()
+        thread.join(10)
+        assert _validation._value_checks_mode() is False
+    assert seen == [None] and _validation._value_checks_mode() is None
+    with pytest.raises(TypeError, match="set_value_checks"):
+        hypercolumn_ops.set_value_checks("off")
+
+
+def _fake_cuda_call(op, monkeypatch, checked):
+    """Run ``op`` on fake CUDA tensors (FakeTensorMode: shapes, no data; reading a value back to
+    the host, which on a GPU is a synchronisation, raises) through the native operators' fake
+    kernels, recording the value checks asked for."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hypercolumn_ops import _native, backends
+
+    monkeypatch.setattr(_native, "available", lambda device_type: True)
+    monkeypatch.setitem(backends._DEFAULTS, "cuda", backends._namespace("native"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_validation, "_index_values_valid", lambda values, size: checked.append(size) or True)
+    with FakeTensorMode() as mode:
+        cuda = {name: mode.from_tensor(value).to("cuda") for name, value in (("points", POINTS), ("boxes", BOXES),
+                                                                              ("locations", LOCATIONS))}
+        features, weights = [f.to("cuda") for f in maps()], [w.to("cuda") for w in cls(classes=3)]
+        changes = {"features": features}
+        if op in FUSED:
+            changes.update(weights=weights, labels=torch.tensor([2, 0], device="cuda"))
+        if op == "fused_hypercolumn_points":
+            changes["locations"] = cuda["locations"]
+        key = "points" if op in WITH_POINTS else "boxes"
+        return call(op, **{key: cuda[key]}, **changes)
+
+
+@pytest.mark.parametrize("op", ALL)
+def test_default_cuda_call_reads_no_value_back(op, monkeypatch):
+    """A default call on CUDA tensors neither checks values nor reads any back: under
+    FakeTensorMode any read of a value would raise."""
+    checked = []
+    out = _fake_cuda_call(op, monkeypatch, checked)
+    assert out.device.type == "cuda" and checked == []
+
+
+@pytest.mark.parametrize("op", ALL)
+def test_strict_value_checks_on_cuda(op, monkeypatch):
+    checked = []
+    with hypercolumn_ops.set_value_checks(True):
+        _fake_cuda_call(op, monkeypatch, checked)
+    assert checked == ([2, 3] if op in FUSED else [2])  # batch indices in [0, 2), labels in [0, 3)
+
+
+def test_naive_head_checks_batch_indices_and_labels():
+    from hypercolumn_ops.nn import NaiveHypercolumnHead
+
+    head = NaiveHypercolumnHead([3, 5], num_outputs=2, grid_size=2, num_classes=3)
+    points = POINTS.clone()
+    points[1, 0] = 5.0
+    with pytest.raises(ValueError, match="points"):
+        head.forward_points(maps(), points, IMAGE, locations=LOCATIONS, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        head.forward_points(maps(), POINTS, IMAGE, locations=LOCATIONS, labels=torch.tensor([0, 3]))
+    boxes = BOXES.clone()
+    boxes[0, 0] = -1.0
+    with pytest.raises(ValueError, match="boxes"):
+        head(maps(), boxes, IMAGE, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        head(maps(), BOXES, IMAGE, labels=torch.tensor([4, 1]))
+
+
+@pytest.mark.parametrize("op", WITH_BOXES)
+def test_sampling_ratio_bound(op):
+    expect(ValueError, "sampling_ratio", op, sampling_ratio=1025)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("op", ALL)
+def test_default_cuda_call_does_not_synchronise(op, backward):
+    """On a GPU, with CUDA's synchronisation debug mode set to raise: a default call (and its
+    backward) never waits for the device."""
+    features = [f.cuda().requires_grad_(backward) for f in maps()]
+    changes = {"features": features, "points": POINTS.cuda(), "boxes": BOXES.cuda(),
+               "locations": LOCATIONS.cuda()}
+    if op in FUSED:
+        changes["weights"] = [w.cuda().requires_grad_(backward) for w in cls(classes=3)]
+        changes["labels"] = torch.tensor([2, 0], device="cuda")
+    changes = {k: v for k, v in changes.items() if k in ("features", "weights", "labels")
+               or k == ("points" if op in WITH_POINTS else "boxes") or (k == "locations" and op in WITH_POINTS
+                                                                          and op in FUSED)}
+    call(op, **changes)  # warm-up: first calls load kernels and set up libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = call(op, **changes)
+        if backward:
+            out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

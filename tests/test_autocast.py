@@ -18,6 +18,7 @@ import hypercolumn_ops
 from hypercolumn_ops import ops
 from hypercolumn_ops.nn import HypercolumnHead, NaiveHypercolumnHead
 from hypercolumn_ops.tasks import FigureGroundTask, KeypointTask, PartTask
+import cases
 from kernel_checks import deterministic_algorithms
 
 IMAGE = (17, 21)
@@ -91,6 +92,7 @@ def assert_equal(actual, expected):
 @pytest.mark.parametrize("op", FUSED)
 @pytest.mark.parametrize("feature_dtype", ["float32", "low"])
 @pytest.mark.parametrize("classes", [None, 3])
+@pytest.mark.slow
 def test_fused_operators_run_in_the_autocast_dtype(device, backend, op, feature_dtype, classes):
     low = torch.get_autocast_dtype(device)
     dtype = low if feature_dtype == "low" else torch.float32
@@ -116,6 +118,7 @@ def test_fused_operators_run_in_the_autocast_dtype(device, backend, op, feature_
 @pytest.mark.parametrize("device, backend", device_backends())
 @pytest.mark.parametrize("op", SAMPLING)
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed-promoted", "one-dtype-kept"])
+@pytest.mark.slow
 def test_sampling_operators_promote_mixed_features(device, backend, op, mixed):
     low = torch.get_autocast_dtype(device)
     features, _, _ = leaves([low, torch.float32, low] if mixed else [low] * 3, device)
@@ -137,6 +140,7 @@ def test_sampling_operators_promote_mixed_features(device, backend, op, mixed):
 
 @pytest.mark.parametrize("device, backend", device_backends())
 @pytest.mark.parametrize("op", FUSED + SAMPLING)
+@pytest.mark.slow
 def test_float64_is_never_cast(device, backend, op):
     features, weights, bias = leaves([torch.float64] * 3, device)
     weights = [w.detach().double().requires_grad_() for w in weights]
@@ -158,6 +162,7 @@ def test_float64_is_never_cast(device, backend, op):
 # run inside the region by itself (PyTorch advises running backward outside autocast).
 @pytest.mark.parametrize("device, backend", [p for p in device_backends() if p.values[1] != "reference"])
 @pytest.mark.parametrize("op", FUSED + SAMPLING)
+@pytest.mark.slow
 def test_backward_inside_the_region(device, backend, op):
     low = torch.get_autocast_dtype(device)
     features, weights, bias = leaves([torch.float32] * 3, device)
@@ -192,7 +197,7 @@ def test_compiled_operators_are_not_autocast_inside(device, op):
         points = torch.tensor([[0, 3.0, 2.0], [1, 20.5, 16.0]], device=device)
         args = list(normalise(features, points, weights, bias, locations=torch.rand(2, 2, device=device),
                               image_size=IMAGE, activation="sigmoid"))
-    args[-1] = [1] * len(features)  # every layer projected to score maps by a matrix product
+    args = cases.with_orders(op, args, [1] * len(features))  # every layer projected by a matrix product
     forward = getattr(torch.ops.hypercolumn_ops, op)
     backward = getattr(torch.ops.hypercolumn_ops, op + "_backward")
     detached = [[t.detach() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
@@ -213,6 +218,7 @@ def test_compiled_operators_are_not_autocast_inside(device, op):
 
 
 @pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "triton"])
+@pytest.mark.slow
 def test_compile_fullgraph_under_autocast(backend):
     torch._dynamo.reset()
     features, weights, bias = leaves([torch.float32] * 3, "cpu")

@@ -47,6 +47,7 @@ COMPILERS += [("native", "inductor")] if "native" in hypercolumn_ops.available_b
 
 
 @pytest.mark.parametrize("backend, compiler", COMPILERS)
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager(backend, compiler):
     torch._dynamo.reset()
     model = Heads()
@@ -76,6 +77,7 @@ def counted_rows(boxes, points, generator):
 
 # The reference backend is left out: written for clarity, it specialises on the counts.
 @pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+@pytest.mark.slow
 def test_compiled_model_follows_changing_box_and_point_counts(backend):
     """A detector sends another number of boxes every step: after the first count, the model
     compiles once more with symbolic counts (torch.compile's default), then never again, and
@@ -95,6 +97,47 @@ def test_compiled_model_follows_changing_box_and_point_counts(backend):
             eager = model(features, boxes, points, locations)
             torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 2
+
+
+class Segmenter(torch.nn.Module):
+    """A detector's mask head as users write it: the image size read off the batch of images."""
+
+    def __init__(self):
+        super().__init__()
+        from hypercolumn_ops.nn import HypercolumnHead
+
+        self.head = HypercolumnHead([3, 6], num_outputs=2, grid_size=3, output_size=(5, 4), num_classes=4,
+                                    activation="sigmoid").double()
+
+    def forward(self, images, features, boxes, labels):
+        return self.head(features, boxes, image_size=images.shape[-2:], labels=labels)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+@pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+@pytest.mark.slow
+def test_compiled_head_follows_changing_image_sizes(backend, dynamic):
+    """A detector sees another image size (and box count) nearly every batch: a fullgraph-compiled
+    head reads the size off the images (``image_size=images.shape[-2:]``, symbolic once it
+    changes) and compiles at most twice over five sizes, equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = Segmenter()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=dynamic)
+    g = torch.Generator().manual_seed(3)
+    with hypercolumn_ops.use_backend(backend):
+        # Both sides change every batch: torch.compile makes a dimension symbolic once it changes.
+        for count, (height, width) in zip((3, 5, 8, 13, 21), ((32, 36), (40, 44), (28, 52), (64, 60), (30, 33))):
+            images = torch.zeros(2, 3, height, width, dtype=torch.float64)
+            features = [torch.randn(2, 3, height // 4, width // 4, generator=g, dtype=torch.float64),
+                        torch.randn(2, 6, height // 8, width // 8, generator=g, dtype=torch.float64)]
+            boxes = counted_rows(count, 1, g)[0]
+            labels = torch.randint(0, 4, (count,), generator=g)
+            out = compiled(images, features, boxes, labels)
+            torch.testing.assert_close(out, model(images, features, boxes, labels), rtol=1e-12, atol=1e-12)
+    assert counter.frame_count <= 2
 
 
 def dynamic_export(strict=False):
@@ -119,8 +162,43 @@ def assert_equal_to_eager_at_other_counts(run, model, features, seed):
                                    rtol=1e-12, atol=1e-12)
 
 
+class Pooler(torch.nn.Module):
+    """torchvision detection's pooling and PointRend's sampling, as hypercolumn_ops calls: every
+    sampling option that is not the default."""
+
+    def forward(self, features, boxes, points):
+        pooled = hypercolumn_ops.box_hypercolumn(features, boxes, (4, 3), spatial_scale=[0.5, 0.25],
+                                                 padding="zeros", sampling_ratio=0, aligned=False)
+        fixed = hypercolumn_ops.box_hypercolumn(features, boxes, (2, 5), image_size=IMAGE, sampling_ratio=2,
+                                                padding="zeros_per_tap")
+        sampled = hypercolumn_ops.sparse_hypercolumn(features, points, image_size=IMAGE, padding="zeros_per_tap")
+        return pooled.square().sum() + fixed.sum() + sampled.sum()
+
+
+@pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+def test_compile_and_export_with_sampling_options(backend):
+    """sampling_ratio (fixed and adaptive), aligned=False and padding="zeros_per_tap" trace with
+    torch.compile(fullgraph=True) and torch.export, forward and backward, equal to eager."""
+    torch._dynamo.reset()
+    model = Pooler()
+    features, boxes, points, _ = inputs(1)
+    with hypercolumn_ops.use_backend(backend):
+        eager = model(features, boxes, points)
+        eager_grads = torch.autograd.grad(eager, features)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(features, boxes, points)
+        grads = torch.autograd.grad(compiled, features)
+        exported = torch.export.export(model, ([f.detach() for f in features], boxes, points)).module()
+        out = exported([f.detach() for f in features], boxes, points)
+    # The same kernels on the same inputs: only the sums around them may run in another order.
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, eager.detach(), rtol=1e-12, atol=1e-12)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("backend", [b for b in hypercolumn_ops.available_backends("cpu") if b != "reference"])
+@pytest.mark.slow
 def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
     """torch.export of a model whose box and point counts are dynamic: while exporting, the
     per-layer evaluation order is chosen without looking at the counts
@@ -137,6 +215,7 @@ def test_export_with_a_dynamic_number_of_boxes_and_points(backend, strict):
 @pytest.mark.skipif("native" not in hypercolumn_ops.available_backends("cpu"), reason="needs the compiled extension")
 @pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
                     reason="AOTInductor packages came with torch 2.6")
+@pytest.mark.slow
 def test_aot_inductor_package_with_a_dynamic_number_of_boxes_and_points(tmp_path):
     """AOTInductor compiles the exported model (all four operators, dynamic counts) into a
     package; loaded again, it runs other counts equal to eager. (tools/aoti_check.py runs such a

@@ -17,9 +17,10 @@ import cases
 from hypercolumn_ops import _native
 from hypercolumn_ops import reference
 from kernel_checks import (ATOL64, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases, check_bias_segments,
-                           check_deterministic_paths, check_empty_batch, check_index_values_valid, check_invalid_rows,
-                           check_malformed_calls, check_random_case, check_score_bins, check_score_products,
-                           deterministic_algorithms, forward_and_grads, random_seeds, run_in_order)
+                           check_case, check_deterministic_paths, check_empty_batch, check_index_values_valid,
+                           check_invalid_rows, check_malformed_calls, check_random_case, check_score_bins,
+                           check_score_products, deterministic_algorithms, forward_and_grads, random_seeds,
+                           run_in_order, sampling_option_cases)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 import build  # noqa: E402
@@ -32,7 +33,7 @@ class _Emulated:
     namespace = None
 
     def __getattr__(self, name):
-        if name.startswith("__"):  # pytest's collection looks up names such as __test__: no build
+        if name.startswith("_"):  # pytest looks up names such as __test__ and _mock_name: no build
             raise AttributeError(name)
         if _Emulated.namespace is None:
             build.build()
@@ -56,6 +57,7 @@ def deterministic(request):
 
 
 @pytest.mark.parametrize("index,order", RUNS, ids=RUN_IDS)
+@pytest.mark.slow
 def test_emulated_cuda_kernels_match_reference(index, order, deterministic):
     case = CASES[index]
     inputs = cases.differentiable_inputs(case)
@@ -68,8 +70,33 @@ def test_emulated_cuda_kernels_match_reference(index, order, deterministic):
         assert_all_close(again, emulated, 0.0, 0.0, f"{case} order {order} run to run")
 
 
+OPTION_CASES = sampling_option_cases("cpu")
+OPTION_RUNS = [(index, order) for index, case in enumerate(OPTION_CASES)
+               for order in ((0, 1) if case.op.startswith("fused") else (None,))]
+OPTION_IDS = [f"{OPTION_CASES[index]!r}" + ("" if order is None else f"-order{order}") for index, order in OPTION_RUNS]
+
+
+@pytest.mark.parametrize("index,order", OPTION_RUNS, ids=OPTION_IDS)
+@pytest.mark.slow
+def test_emulated_sampling_options_match_reference(index, order, deterministic):
+    # padding "zeros_per_tap", and every sampling_ratio / aligned on box grids: each cell's samples
+    # looped over in every kernel, gathered per pixel in deterministic mode (the same bits twice).
+    check_case(EMULATED, OPTION_CASES[index], order)
+
+
+@pytest.mark.parametrize("name", ["ratio2-unaligned-border-contiguous", "ratio0-aligned-border-contiguous"])
+def test_emulated_sampled_box_grids(name, deterministic):
+    # The quick tier's look at sampled cells (the slow test above takes every option): both box
+    # operators, the fused one projecting its scores.
+    chosen = [case for case in OPTION_CASES if case.name == name]
+    assert len(chosen) == 2, name
+    for case in chosen:
+        check_case(EMULATED, case, 1 if case.op.startswith("fused") else None)
+
+
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
 @pytest.mark.parametrize("index,order", RUNS, ids=RUN_IDS)
+@pytest.mark.slow
 def test_emulated_cuda_kernels_low_precision(index, order, dtype):
     # The reduced-precision instantiations (16-byte loads where channels_last allows them), against
     # the reference in the same dtype, as tests/test_native_cuda.py::test_low_precision on a GPU.
@@ -81,11 +108,13 @@ def test_emulated_cuda_kernels_low_precision(index, order, dtype):
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.slow
 def test_emulated_invalid_rows_give_nan_and_no_gradient(order, deterministic):
     check_invalid_rows("cpu", lambda case: run_in_order(case, EMULATED, order))
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.slow
 def test_emulated_empty_batch_gives_nan(order, deterministic):
     check_empty_batch("cpu", lambda case: run_in_order(case, EMULATED, order))
 
@@ -102,6 +131,7 @@ def test_emulated_sampling_block_paths(dtype):
 
 @pytest.mark.parametrize("layers,outputs", [(1, 33), (13, 1)], ids=["M33", "13layers"])
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.slow
 def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic):
     # M = 33 outputs (two output blocks of the wide tile) and 13 layers (two launches of the fused
     # kernel, the raw scores carried from the first to the second): paths the shared cases miss.
@@ -127,19 +157,23 @@ def test_emulated_many_outputs_and_layers(order, layers, outputs, deterministic)
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.slow
 def test_emulated_deterministic_paths(order, deterministic):
     check_deterministic_paths(EMULATED, "cpu", order)
 
 
 @pytest.mark.parametrize("order", [0, 1], ids=["sample_features", "project_scores"])
+@pytest.mark.slow
 def test_emulated_bias_segments(order, deterministic):
     check_bias_segments(EMULATED, "cpu", order)
 
 
+@pytest.mark.slow
 def test_emulated_score_products(deterministic):
     check_score_products(EMULATED, "cpu")
 
 
+@pytest.mark.slow
 def test_emulated_score_bins():
     check_score_bins(EMULATED, "cpu")
 
@@ -149,19 +183,22 @@ def test_emulated_bias_of_another_dtype_raises():
     f = cases.features(torch.float32, "cpu")
     weights = [torch.zeros(1, 4, 2, c) for c in (3, 5, 7)]
     with pytest.raises(RuntimeError, match="bias: dtype Half differs from the features' Float"):
-        EMULATED.fused_hypercolumn(f, torch.zeros(4, 5), weights, torch.zeros(4, 4, 2).half(), None, 2, 2,
-                                   [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
+        EMULATED.fused_hypercolumn(f, torch.zeros(4, 5), weights, torch.zeros(4, 4, 2).half(), None, 2, 2, [],
+                                   [1.0] * 3, 0, 0, [0] * 3, 1, True)
 
 
+@pytest.mark.slow
 def test_emulated_index_values_valid():
     check_index_values_valid(EMULATED, "cpu")
 
 
 @pytest.mark.parametrize("seed", random_seeds(24))
+@pytest.mark.slow
 def test_emulated_random_cases_match_reference(seed):
     check_random_case(EMULATED, seed, "cpu")
 
 
 @pytest.mark.parametrize("seed", random_seeds(12))
+@pytest.mark.slow
 def test_emulated_malformed_direct_calls_raise_or_return(seed):
     check_malformed_calls(EMULATED, seed, "cpu")

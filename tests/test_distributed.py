@@ -27,6 +27,7 @@ def load_example():
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_parameters(tmp_path):
     checksums = tmp_path / "checksums.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
@@ -50,6 +51,7 @@ def test_two_processes_end_with_the_same_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["figure-ground", "keypoints", "parts"])
+@pytest.mark.slow
 def test_one_process_writes_table_and_figure(tmp_path, task, capsys):
     example = load_example()
     example.main(["--task", task, "--steps", "2", "--batch-size", "2", "--val-images", "4", "--grid", "8",
@@ -62,6 +64,7 @@ def test_one_process_writes_table_and_figure(tmp_path, task, capsys):
     assert "| hypercolumn (strides 2, 4, 8) |" in stem.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_one_process_trains_with_mixed_precision():
     """--amp: the forward and the loss inside the CPU's autocast (the compiled kernels in
     bfloat16), float32 parameters that the steps change, nothing non-finite."""

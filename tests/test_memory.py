@@ -1,7 +1,7 @@
-"""The contract's memory rule on the CPU's native backend: no operator, forward or backward,
-allocates the upsampled hypercolumn image (B x sum C x H x W) or the gathered box hypercolumns
-(R x sum C x oh x ow). Checked on a case where those would be 400 MB and 315 MB, as the growth
-of the peak resident memory of a fresh process around one call."""
+"""The memory rule of docs/semantics.md on the CPU's native backend: no operator, forward or
+backward, allocates the upsampled hypercolumn image (B x sum C x H x W) or the gathered box
+hypercolumns (R x sum C x oh x ow). Checked on a case where those would be 400 MB and 315 MB, as
+the growth of the peak resident memory of a fresh process around one call."""
 
 import json
 import subprocess
@@ -61,6 +61,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("op", ["fused_hypercolumn", "fused_hypercolumn_points", "sparse_hypercolumn",
                                 "box_hypercolumn"])
+@pytest.mark.slow
 def test_native_cpu_allocates_no_hypercolumn_image(op, backward):
     assert "native" in hypercolumn_ops.available_backends("cpu"), "the compiled extension is not built"
     result = subprocess.run([sys.executable, "-c", SCRIPT, op, str(int(backward))], capture_output=True,

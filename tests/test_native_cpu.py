@@ -8,10 +8,12 @@ import torch
 
 import hypercolumn_ops
 from hypercolumn_ops import ops, reference
+from hypercolumn_ops._codes import PADDINGS
 from cases import (IMAGE, Case, all_cases, assert_close_to_reference, boxes, classifier, differentiable_inputs,
-                   features, fused_cases, points)
+                   features, fused_cases, points, with_orders)
 from kernel_checks import (check_double_backward_raises, check_empty_batch, check_index_values_valid,
-                           check_malformed_calls, check_random_case, random_seeds, run_in_order)
+                           check_malformed_calls, check_random_case, random_seeds, run_in_order,
+                           sampling_option_cases)
 
 # float64: the kernels sum in another order than the reference (blocked dot products, GEMM
 # tiles), a few ulps apart; the issue bounds the difference at 1e-12 relative. The absolute
@@ -103,12 +105,92 @@ def test_projection_of_nchw_maps_both_product_orders_float64(grid, outputs):
     assert_order_matches_reference(case, "project_scores")
 
 
+OPTION_CASES = sampling_option_cases("cpu")
+OPTION_RUNS = [(index, order) for index, case in enumerate(OPTION_CASES)
+               for order in (ORDERS if case.op.startswith("fused") else (None,))]
+
+
+@pytest.mark.parametrize("index,order", OPTION_RUNS,
+                         ids=[f"{OPTION_CASES[i]!r}" + ("" if o is None else f"-{o}") for i, o in OPTION_RUNS])
+def test_sampling_options_match_reference_float64(index, order):
+    # padding "zeros_per_tap" and every sampling_ratio / aligned of the box operators, the fused
+    # ones in each evaluation order: the separable box paths (per-line tap lists) and the per-point
+    # ones (the products of a grid point's row and column taps).
+    case = OPTION_CASES[index]
+    if order is None:
+        assert_close_to_reference(case, "native", RTOL64, ATOL64)
+    else:
+        assert_order_matches_reference(case, order)
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_adaptive_sampling_is_capped_at_1024_samples_float64(order):
+    # Adaptive sampling takes ceil(extent / cells) samples per axis, at most 1024: a box of 1e6
+    # pixels on a 2 x 1 grid would take 62,500 a row. Its cells average 1024 samples spread over
+    # the box (most of them outside the maps), as the reference's. One layer is 3 x 4 pixels at
+    # scale 0.125 (a narrow box there samples too), and a box whose extent is infinite in feature
+    # pixels (a finite extent times a scale of 1e300) takes 1024 too, never an integer conversion of
+    # infinity.
+    g = torch.Generator().manual_seed(41)
+    f = features(torch.float64, "cpu", "contiguous", g, True, shapes=((3, 10, 12), (4, 3, 4)))
+    w = classifier(2, 1, None, torch.float64, "cpu", g, True, shapes=((3, 10, 12), (4, 3, 4)))
+    huge = torch.tensor([[0, -5e5, -3.0, 5e5, 20.0], [1, 2.0, -4e5, 18.0, 6e5], [0, 1.0, 2.0, 9.0, 11.0]],
+                        dtype=torch.float64)
+    for scale in ([0.5, 0.125], [0.5, 1e300]):
+        for aligned in (True, False):
+            options = dict(spatial_scale=scale, padding="zeros", sampling_ratio=0, aligned=aligned)
+            assert_close_to_reference(Case("box_hypercolumn", (f, huge, (2, 1)), options, "huge"), "native",
+                                      RTOL64, ATOL64)
+            assert_order_matches_reference(Case("fused_hypercolumn", (f, huge, w), dict(options, output_size=(2, 1)),
+                                                "huge"), order)
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros", "zeros_per_tap"])
+def test_coordinates_whose_feature_coordinates_overflow_clamp(padding):
+    # float32 coordinates near float32's largest value times scales above 1: the feature coordinate
+    # overflows to +-inf. Such a point is far like any other: the border value ("border") or 0.
+    g = torch.Generator().manual_seed(43)
+    f = features(torch.float32, "cpu", "contiguous", g, shapes=((3, 5, 6),))
+    big = 3e38
+    pts = torch.tensor([[0, big, 0.1], [1, 2.0, -big], [0, -big, big], [1, 3.0, 4.0]], dtype=torch.float32)
+    out = torch.ops.hypercolumn_ops.sparse_hypercolumn(f, pts, [], [1.7], PADDINGS[padding])
+    with hypercolumn_ops.use_backend("reference"):
+        expected = hypercolumn_ops.sparse_hypercolumn(f, pts, spatial_scale=1.7, padding=padding)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # float32 sums of four taps
+    if padding == "border":  # the corner pixels: x clamps to the last column, y to the first row
+        torch.testing.assert_close(out[0], f[0][0, :, 0, 5])
+        torch.testing.assert_close(out[2], f[0][0, :, 4, 0])
+    else:
+        assert (out[:3] == 0).all()
+
+
+def test_boxes_whose_extents_overflow_are_invalid():
+    # Finite corners whose difference overflows float32 put every grid point at infinity: such a
+    # box is invalid (NaN) on every path, as the reference's. One whose extent is finite but whose
+    # last grid row overflows in (i + 0.5) * (y2 - y1) / oh clamps instead, as a far point.
+    g = torch.Generator().manual_seed(47)
+    f = features(torch.float32, "cpu", "contiguous", g)
+    w = classifier(2, 1, None, torch.float32, "cpu", g)
+    rows = torch.tensor([[0, -3e38, 1.0, 3e38, 6.0], [1, 1.0, -2e38, 5.0, 2e38], [0, 1.0, 1e38, 5.0, 2.5e38],
+                         [1, 2.0, 3.0, 9.0, 8.0]], dtype=torch.float32)
+    for sampling_ratio, aligned in ((1, True), (2, False)):
+        options = dict(image_size=IMAGE, sampling_ratio=sampling_ratio, aligned=aligned)
+        out = hypercolumn_ops.box_hypercolumn(f, rows, (3, 2), **options)
+        fused = hypercolumn_ops.fused_hypercolumn(f, rows, w, output_size=(3, 2), **options)
+        assert torch.isnan(out[:2]).all() and torch.isnan(fused[:2]).all()
+        assert torch.isfinite(out[2:]).all() and torch.isfinite(fused[2:]).all()
+        with hypercolumn_ops.use_backend("reference"):
+            expected = hypercolumn_ops.box_hypercolumn(f, rows, (3, 2), **options)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)  # float32 sums
+
+
 def assert_order_matches_reference(case, order):
     """A fused case with every layer in ``order`` (a key of ORDERS): native against the reference
     in float64, output and gradients."""
     def args():  # afresh per call: the normalised bias is a differentiable view of the case's
         normalised = normalised_args(case)
-        normalised[-1] = ORDERS[order](len(normalised[0]))
+        normalised = with_orders(case.op, normalised, ORDERS[order](len(normalised[0])))
         return normalised
 
     inputs = differentiable_inputs(case)
@@ -140,6 +222,7 @@ def small_inputs(seed, layout="contiguous"):
 
 
 @pytest.mark.parametrize("seed,layout", [(0, "contiguous"), (1, "channels_last"), (2, "strided")])
+@pytest.mark.slow
 def test_gradcheck_sampling(seed, layout):
     f, p, b, _, _, _ = small_inputs(seed, layout)
     with hypercolumn_ops.use_backend("native"):
@@ -150,6 +233,7 @@ def test_gradcheck_sampling(seed, layout):
 
 @pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("activation", [None, "sigmoid"])
+@pytest.mark.slow
 def test_gradcheck_fused(order, activation):
     f, p, b, w, bias, locations = small_inputs(4)
     layers = len(f)
@@ -158,14 +242,14 @@ def test_gradcheck_fused(order, activation):
         args = list(ops.normalise_fused_hypercolumn(list(tensors[:layers]), b, list(tensors[layers:2 * layers]),
                                                     tensors[-1], output_size=(3, 2), image_size=SMALL_IMAGE,
                                                     activation=activation))
-        args[-1] = ORDERS[order](layers)
+        args = with_orders("fused_hypercolumn", args, ORDERS[order](layers))
         return torch.ops.hypercolumn_ops.fused_hypercolumn(*args)
 
     def fused_points(*tensors):
         args = list(ops.normalise_fused_hypercolumn_points(list(tensors[:layers]), p, list(tensors[layers:2 * layers]),
                                                            tensors[-1], locations=locations, image_size=SMALL_IMAGE,
                                                            activation=activation, padding="zeros"))
-        args[-1] = ORDERS[order](layers)
+        args = with_orders("fused_hypercolumn_points", args, ORDERS[order](layers))
         return torch.ops.hypercolumn_ops.fused_hypercolumn_points(*args)
 
     assert torch.autograd.gradcheck(fused, (*f, *w, bias))
@@ -188,6 +272,7 @@ def opcheck_cases():
 
 
 @pytest.mark.parametrize("case", opcheck_cases(), ids=lambda c: f"{c!r}-grad{differentiable_inputs(c) != []}")
+@pytest.mark.slow
 def test_opcheck(case):
     op, args = opcheck_args(case)
     torch.library.opcheck(op, args)
@@ -195,6 +280,7 @@ def test_opcheck(case):
 
 @pytest.mark.parametrize("case", [c for c in all_cases(torch.float64, "cpu") if c.name.endswith("strided")
                                   or c.name.endswith("channels_last")], ids=repr)
+@pytest.mark.slow
 def test_opcheck_backward_ops(case):
     op, args = opcheck_args(case)
     out = op(*args)
@@ -226,12 +312,13 @@ def determinism_cases():
     def fused(orders):  # normalised afresh per call: the bias rows are a differentiable view
         args = ops.normalise_fused_hypercolumn(f, b, w, bias, output_size=(20, 18), image_size=image, labels=labels,
                                                activation="sigmoid")
-        return torch.ops.hypercolumn_ops.fused_hypercolumn(*args[:-1], orders)
+        return torch.ops.hypercolumn_ops.fused_hypercolumn(*with_orders("fused_hypercolumn", args, orders))
 
     def fused_points(orders):
         args = ops.normalise_fused_hypercolumn_points(f, p, w, bias, locations=locations, image_size=image,
                                                       labels=point_labels, activation="sigmoid")
-        return torch.ops.hypercolumn_ops.fused_hypercolumn_points(*args[:-1], orders)
+        args = with_orders("fused_hypercolumn_points", args, orders)
+        return torch.ops.hypercolumn_ops.fused_hypercolumn_points(*args)
 
     for order, orders in (("sample_features", [0, 0]), ("project_scores", [1, 1])):
         cases["fused-" + order] = (lambda orders=orders: fused(orders), [*f, *w, bias])
@@ -246,7 +333,7 @@ def run_with_threads(name, threads):
     call, inputs = DETERMINISM_CASES[name]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    # Deterministic mode as the contract states it: it also covers PyTorch's own backward of
+    # Deterministic mode as docs/semantics.md states it: it also covers PyTorch's own backward of
     # the class-bias lookup (an index with accumulation) around the kernels.
     torch.use_deterministic_algorithms(True)
     try:
@@ -290,6 +377,7 @@ def upcast(value):
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
 @pytest.mark.parametrize("index", range(len(all_cases(torch.float64, "cpu"))))
+@pytest.mark.slow
 def test_low_precision_close_to_float64_reference(dtype, index):
     case = all_cases(dtype, "cpu", requires_grad=True)[index]
     case64 = type(case)(case.op, upcast(case.args), {k: upcast(v) for k, v in case.kwargs.items()}, case.name)
@@ -344,8 +432,7 @@ def test_bad_points_give_nan_and_no_gradient(padding):
     f = features(torch.float64, "cpu", "channels_last", g, True)
     valid, mixed = mixed_points(13, g)
     rows = valid.shape[0]
-    scales = ([h / IMAGE[0] for _, h, _ in ((3, 10, 12), (5, 5, 6), (7, 3, 3))],
-              [w / IMAGE[1] for _, _, w in ((3, 10, 12), (5, 5, 6), (7, 3, 3))])
+    scales = (list(IMAGE), [])  # image_size, spatial_scale
     ours = torch.ops.hypercolumn_ops
     out = ours.sparse_hypercolumn(f, mixed, *scales, padding)
     clean = ours.sparse_hypercolumn(f, valid, *scales, padding)
@@ -391,15 +478,15 @@ def test_bad_boxes_give_nan():
                         [0.25, 1.0, 1.0, 5.0, 6.0]], dtype=torch.float64)
     mixed = torch.cat([valid, bad])
     rows = valid.shape[0]
-    scales = ([0.5, 0.25, 0.15], [0.5, 0.25, 0.15])
+    scales = ([], [0.5, 0.25, 0.15])  # image_size, spatial_scale
     ours = torch.ops.hypercolumn_ops
-    out = ours.box_hypercolumn(f, mixed, 4, 3, *scales, 0)
-    check_bad_rows(out, ours.box_hypercolumn(f, valid, 4, 3, *scales, 0), rows)
+    out = ours.box_hypercolumn(f, mixed, 4, 3, *scales, 0, 1, True)
+    check_bad_rows(out, ours.box_hypercolumn(f, valid, 4, 3, *scales, 0, 1, True), rows)
     w = [x.unsqueeze(0) for x in classifier(2, 3, None, torch.float64, "cpu", g)]
     labels = torch.zeros(mixed.shape[0], dtype=torch.int64)
     labels[1] = 1  # NC = 1: label 1 is out of range
     for order in (0, 1):
-        out = ours.fused_hypercolumn(f, mixed, w, None, labels, 4, 3, *scales, 0, 0, [order] * 3)
+        out = ours.fused_hypercolumn(f, mixed, w, None, labels, 4, 3, *scales, 0, 0, [order] * 3, 1, True)
         assert torch.isnan(out[[1, *range(rows, mixed.shape[0])]]).all()
         assert torch.isfinite(out[[0, 2]]).all()
 
@@ -409,14 +496,14 @@ def test_bad_boxes_give_nan():
 def compiled_args(op):
     g = torch.Generator().manual_seed(0)
     f = features(torch.float32, "cpu", "contiguous", g)
-    scales = [[0.5, 0.25, 0.15], [0.5, 0.25, 0.15]]
+    scales = [0.5, 0.25, 0.15]
     if op == "sparse_hypercolumn":
-        return dict(features=f, points=points(4, torch.float32, "cpu", g), scale_y=scales[0], scale_x=scales[1],
+        return dict(features=f, points=points(4, torch.float32, "cpu", g), image_size=[], spatial_scale=scales,
                     padding=0)
     w = [x.unsqueeze(0) for x in classifier(2, 3, None, torch.float32, "cpu", g)]
     return dict(features=f, boxes=boxes(2, torch.float32, "cpu", g), weights=w, bias=None, labels=None,
-                output_height=3, output_width=4, scale_y=scales[0], scale_x=scales[1], padding=0, activation=0,
-                orders=[0, 1, 0])
+                output_height=3, output_width=4, image_size=[], spatial_scale=scales, padding=0, activation=0,
+                orders=[0, 1, 0], sampling_ratio=1, aligned=True)
 
 
 BAD_ARGUMENTS = [
@@ -425,8 +512,10 @@ BAD_ARGUMENTS = [
     ("sparse_hypercolumn", "features", lambda a: a.update(features=[a["features"][0].double(), a["features"][1]])),
     ("sparse_hypercolumn", "features", lambda a: a.update(features=[a["features"][0].long()])),
     ("sparse_hypercolumn", "points", lambda a: a.update(points=a["points"][:, :2])),
-    ("sparse_hypercolumn", "scale_y", lambda a: a.update(scale_y=[0.5])),
-    ("sparse_hypercolumn", "padding", lambda a: a.update(padding=2)),
+    ("sparse_hypercolumn", "spatial_scale", lambda a: a.update(spatial_scale=[0.5])),
+    ("sparse_hypercolumn", "image_size", lambda a: a.update(image_size=[40, 50])),
+    ("sparse_hypercolumn", "image_size", lambda a: a.update(image_size=[40, 0], spatial_scale=[])),
+    ("sparse_hypercolumn", "padding", lambda a: a.update(padding=3)),
     ("fused_hypercolumn", "boxes", lambda a: a.update(boxes=a["boxes"][:, :4])),
     ("fused_hypercolumn", "weights", lambda a: a.update(weights=a["weights"][:2])),
     ("fused_hypercolumn", "weights", lambda a: a.update(weights=[a["weights"][0][..., :1]] + a["weights"][1:])),
@@ -456,7 +545,7 @@ def test_error_messages_are_whole():
     state that is not torch's: the message stops at the first number, or the process crashes."""
     f = features(torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match=r"points: expected shape \(rows, 3\), got \[4, 2\]"):
-        torch.ops.hypercolumn_ops.sparse_hypercolumn(f, torch.zeros(4, 2), [0.5] * 3, [0.5] * 3, 0)
+        torch.ops.hypercolumn_ops.sparse_hypercolumn(f, torch.zeros(4, 2), [], [0.5] * 3, 0)
 
 
 def test_fused_points_requires_locations_for_several_cells():
@@ -465,7 +554,7 @@ def test_fused_points_requires_locations_for_several_cells():
     w = [x.unsqueeze(0) for x in classifier(2, 1, None, torch.float32, "cpu", g)]
     with pytest.raises(RuntimeError, match="locations"):
         torch.ops.hypercolumn_ops.fused_hypercolumn_points(f, points(3, torch.float32, "cpu", g), None, w, None, None,
-                                                           [0.5] * 3, [0.5] * 3, 0, 0, [0, 0, 0])
+                                                           [], [0.5] * 3, 0, 0, [0, 0, 0])
 
 
 def test_double_backward_raises():
@@ -477,10 +566,12 @@ def test_index_values_valid():
 
 
 @pytest.mark.parametrize("seed", random_seeds(200))
+@pytest.mark.slow
 def test_random_cases_match_reference_float64(seed):
     check_random_case(torch.ops.hypercolumn_ops, seed, "cpu")
 
 
 @pytest.mark.parametrize("seed", random_seeds(100))
+@pytest.mark.slow
 def test_malformed_direct_calls_raise_or_return(seed):
     check_malformed_calls(torch.ops.hypercolumn_ops, seed, "cpu")

@@ -1,7 +1,7 @@
 """The CUDA kernels of the ``"native"`` backend against the reference.
 
 Every case of ``cases.py`` in float64 (forward and gradients), the fused operators with each
-evaluation order forced, gradcheck, opcheck, ``torch.compile(fullgraph=True)``, CUDA graph capture,
+evaluation order forced, the sampling options (padding, sampling_ratio, aligned), gradcheck, opcheck, ``torch.compile(fullgraph=True)``, CUDA graph capture,
 bitwise reproducibility under ``torch.use_deterministic_algorithms(True)``, reduced precision, and
 rows with an invalid batch index, label or coordinate. Skipped where no CUDA device is visible.
 """
@@ -17,10 +17,10 @@ from hypercolumn_ops import reference
 
 import cases
 from kernel_checks import (ATOL64, GRAPH_CASES, LOW_PRECISION, RTOL64, assert_all_close, block_path_cases,
-                           check_bias_segments, check_cuda_graph, check_deterministic_paths, check_empty_batch,
+                           check_bias_segments, check_case, check_cuda_graph, check_deterministic_paths, check_empty_batch,
                            check_index_values_valid, check_invalid_rows, check_malformed_calls, check_random_case,
                            check_score_bins, check_score_products, deterministic_algorithms, forward_and_grads,
-                           random_seeds, run_in_order)
+                           random_seeds, run_in_order, sampling_option_cases)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -33,6 +33,18 @@ FUSED_IDS = [i for i, name in enumerate(CASE_IDS) if name.startswith("fused")]
 @functools.lru_cache(maxsize=None)
 def cuda_cases(dtype):
     return cases.all_cases(dtype, "cuda", requires_grad=True)
+
+
+# The sampling options' cases (padding "zeros_per_tap", every sampling_ratio / aligned of box grids),
+# built lazily as the shared ones; (case, order) runs, both orders for the fused operators.
+OPTION_CASE_IDS = [repr(c) for c in sampling_option_cases("cpu")]
+OPTION_RUNS = [(index, order) for index, name in enumerate(OPTION_CASE_IDS)
+               for order in ((0, 1) if name.startswith("fused") else (None,))]
+
+
+@functools.lru_cache(maxsize=None)
+def option_cases():
+    return sampling_option_cases("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -214,6 +226,14 @@ def test_bad_arguments_name_the_argument():
                               None, 2, 2, [1.0] * 3, [1.0] * 3, 0, 0, [0] * 3)
 
 
+@pytest.mark.parametrize("enabled", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("index,order", OPTION_RUNS,
+                         ids=[OPTION_CASE_IDS[i] + ("" if o is None else f"-order{o}") for i, o in OPTION_RUNS])
+def test_sampling_options_match_reference(index, order, enabled):
+    with deterministic_algorithms(enabled):
+        check_case(torch.ops.hypercolumn_ops, option_cases()[index], order)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64] + list(LOW_PRECISION), ids=str)
 def test_sampling_block_paths(dtype):
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else LOW_PRECISION[dtype]
@@ -233,10 +253,12 @@ def test_cuda_graph(op, enabled):
 
 
 @pytest.mark.parametrize("seed", random_seeds(200))
+@pytest.mark.slow
 def test_random_cases_match_reference(seed):
     check_random_case(torch.ops.hypercolumn_ops, seed, "cuda")
 
 
 @pytest.mark.parametrize("seed", random_seeds(100))
+@pytest.mark.slow
 def test_malformed_direct_calls_raise_or_return(seed):
     check_malformed_calls(torch.ops.hypercolumn_ops, seed, "cuda")

@@ -1,5 +1,6 @@
 """Every backend against the operators' peers: F.interpolate at pixel centres and torchvision's
-roi_align; the reference against the contract's formulas written out by hand for single points."""
+roi_align; the reference against the formulas of docs/semantics.md written out by hand for single
+points."""
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def test_location_weights_upsample_one_hot_maps(grid):
 
 
 def test_fused_point_by_hand():
-    """One point, two layers, K = 2, M = 1, sigmoid: the contract's sums written out."""
+    """One point, two layers, K = 2, M = 1, sigmoid: the sums of docs/semantics.md written out."""
     g = torch.Generator().manual_seed(3)
     maps = _maps(g, shapes=((3, 4, 5), (2, 2, 3)), batch=1)
     weights = [torch.randn(4, 1, 3, generator=g, dtype=torch.float64),

@@ -8,15 +8,17 @@
 #include <iostream>
 
 int main() {
-  using Signature = at::Tensor(at::TensorList, const at::Tensor&, at::ArrayRef<double>, at::ArrayRef<double>, int64_t);
+  using Signature = at::Tensor(at::TensorList, const at::Tensor&, c10::SymIntArrayRef, at::ArrayRef<double>, int64_t);
   const auto op = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("hypercolumn_ops::sparse_hypercolumn", "")
                       .typed<Signature>();
   const at::Tensor features = at::arange(16, at::kDouble).reshape({1, 1, 4, 4}).requires_grad_();
-  // (batch, x, y) in image pixels; with scale 1 the map coordinate is (x - 0.5, y - 0.5) = (1, 2).
+  // (batch, x, y) in image pixels; with image_size (4, 4) the scale is 1 and the map coordinate is
+  // (x - 0.5, y - 0.5) = (1, 2).
   const at::Tensor points = at::tensor({0.0, 1.5, 2.5}, at::kDouble).reshape({1, 3});
   const std::vector<at::Tensor> maps{features};
-  const at::Tensor out = op.call(maps, points, {1.0}, {1.0}, 0);
+  const std::vector<c10::SymInt> image_size{4, 4};
+  const at::Tensor out = op.call(maps, points, image_size, {}, 0);
   out.sum().backward();
   at::Tensor expected = at::zeros({1, 1, 4, 4}, at::kDouble);
   expected[0][0][2][1] = 1.0;

@@ -4,8 +4,10 @@
 
 Triton's interpreter (how the tests run the kernels on a CPU) never compiles them, so a kernel
 that the interpreter accepts may still fail to compile for a GPU. This script runs the backend's
-operators forward and backward on the CPU over the test cases of ``tests/cases.py`` (every dtype,
-both evaluation orders, atomic and deterministic backward) with a compile-only driver: each kernel
+operators forward and backward on the CPU over the test cases of ``tests/cases.py`` and the
+sampling options those leave at their defaults (``sampling_ratio``, ``aligned``,
+``padding="zeros_per_tap"``; every dtype, both evaluation orders, atomic and deterministic
+backward) with a compile-only driver: each kernel
 launch compiles the kernel for sm_90, down to a cubin through Triton's ptxas, and runs nothing, so
 the values computed along the way are meaningless. It prints each kernel and how many
 specialisations were compiled, and exits 1 on the first kernel that does not compile.
@@ -53,6 +55,35 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
+def sampling_option_cases(dtype):
+    """A case of each operator for each kernel variant of the sampling options: fixed and adaptive
+    ``sampling_ratio``, ``aligned=False``, and the three paddings."""
+    import cases
+
+    g = torch.Generator().manual_seed(0)
+    features = cases.features(dtype, "cpu", "channels_last", g, requires_grad=True)
+    weights = cases.classifier(3, 2, 4, dtype, "cpu", g, requires_grad=True)
+    boxes = cases.boxes(3, torch.float32, "cpu", g)
+    points = cases.points(5, torch.float32, "cpu", g)
+    box_labels = torch.randint(0, 4, (len(boxes),), generator=g)
+    point_labels = torch.randint(0, 4, (len(points),), generator=g)
+    locations = torch.rand(len(points), 2, generator=g)
+    found = []
+    for sampling_ratio, aligned, padding in ((2, True, "zeros_per_tap"), (0, False, "zeros"), (1, False, "border"),
+                                             (-1, True, "zeros_per_tap"), (1, True, "zeros_per_tap")):
+        name = f"ratio{sampling_ratio}-aligned{aligned}-{padding}"
+        options = dict(image_size=cases.IMAGE, padding=padding, sampling_ratio=sampling_ratio, aligned=aligned)
+        found.append(cases.Case("box_hypercolumn", (features, boxes, (3, 4)), options, name))
+        found.append(cases.Case("fused_hypercolumn", (features, boxes, weights),
+                                dict(output_size=(3, 4), labels=box_labels, activation="sigmoid", **options), name))
+    found.append(cases.Case("sparse_hypercolumn", (features, points),
+                            dict(image_size=cases.IMAGE, padding="zeros_per_tap"), "zeros_per_tap"))
+    found.append(cases.Case("fused_hypercolumn_points", (features, points, weights),
+                            dict(image_size=cases.IMAGE, labels=point_labels, locations=locations,
+                                 activation="sigmoid", padding="zeros_per_tap"), "zeros_per_tap"))
+    return found
+
+
 def main() -> None:
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # a substring of the case names to check
     driver.set_active(CompileOnlyDriver())
@@ -64,7 +95,8 @@ def main() -> None:
 
     ops = torch.ops.hypercolumn_ops_triton
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        for case in [c for c in cases.all_cases(dtype, "cpu", requires_grad=True) if only in repr(c)]:
+        every_case = cases.all_cases(dtype, "cpu", requires_grad=True) + sampling_option_cases(dtype)
+        for case in [c for c in every_case if only in repr(c)]:
             for deterministic in (False, True):
                 for order in ((0, 1) if case.op.startswith("fused") else (None,)):
                     torch.use_deterministic_algorithms(deterministic)

@@ -9,7 +9,6 @@
 
 namespace hypercolumn_ops {
 namespace cpu {
-namespace {
 
 bool index_values_valid_cpu(const at::Tensor& values, int64_t size) {
   check_index_values(values, size);
@@ -31,7 +30,6 @@ bool index_values_valid_cpu(const at::Tensor& values, int64_t size) {
   return valid;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace hypercolumn_ops
 

@@ -1,227 +1,24 @@
-// CPU-only helpers shared by the sampling and fused kernels: argument checks, the points of a
-// call (a point list or box grids), bilinear taps with a map's strides, channel gathers and
-// the channel-block accumulators the backward passes scatter into.
-//
-// Determinism: every backward writes each gradient element from one work item, which visits
-// the points in their order; which thread runs an item never changes a result.
+// Bilinear sampling on the CPU: a map as the kernels see it, the taps of a point (computed once
+// per point and layer, reused for every channel), the separable taps of a box grid's axes, and
+// the channel gather.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/points.h"
 #include "hypercolumn_math.h"
 
 namespace hypercolumn_ops {
 namespace cpu {
 
-// float32 sums for float16/bfloat16/float32 features, float64 for float64.
-template <typename scalar_t>
-using acc_type = at::opmath_type<scalar_t>;
-
-inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-template <typename T>
-constexpr T quiet_nan() {
-  return std::numeric_limits<T>::quiet_NaN();
-}
-
-// Points handed to one thread at a time when the work is per point.
-constexpr int64_t kPointBlock = 256;
-// Elements of a per-item float accumulator (512 KiB of float32): half an L2 of this machine's
-// cores, so the scatter of a channel block stays in cache.
-constexpr int64_t kAccumulatorElements = int64_t(1) << 17;
-// Bytes of channel planes a gather keeps in use at once (half an L2 again).
+// Bytes of channel planes a gather keeps in use at once (half an L2 of this machine's cores).
 constexpr int64_t kGatherPlaneBytes = int64_t(1) << 19;
-
-// ----------------------------------------------------------------------------- argument checks
-
-inline void check_features(at::TensorList features) {
-  TORCH_CHECK(!features.empty(), "features: expected at least one feature map, got an empty list");
-  const at::Tensor& first = features[0];
-  for (size_t i = 0; i < features.size(); ++i) {
-    const at::Tensor& f = features[i];
-    TORCH_CHECK(f.defined(), "features[", i, "]: expected a tensor, got an undefined one");
-    TORCH_CHECK(f.dim() == 4, "features[", i, "]: expected a 4-D tensor (B, C, H, W), got shape ",
-                f.sizes());
-    TORCH_CHECK(f.device().is_cpu(), "features[", i, "]: expected a CPU tensor, got ", f.device());
-    const auto dtype = f.scalar_type();
-    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                    dtype == at::kDouble,
-                "features[", i, "]: expected float16, bfloat16, float32 or float64, got ", dtype);
-    TORCH_CHECK(dtype == first.scalar_type(), "features[", i, "]: dtype ", dtype,
-                " differs from features[0]'s ", first.scalar_type());
-    TORCH_CHECK(f.size(0) == first.size(0), "features[", i, "]: batch size ", f.size(0),
-                " differs from features[0]'s ", first.size(0));
-    TORCH_CHECK(f.size(2) >= 1 && f.size(3) >= 1, "features[", i,
-                "]: expected a non-empty map, got shape ", f.sizes());
-  }
-}
-
-// Coordinates (points, boxes, locations) as a contiguous tensor of the accumulation dtype.
-inline at::Tensor check_coordinates(const char* name, const at::Tensor& value, int64_t columns,
-                                    at::ScalarType features_dtype) {
-  TORCH_CHECK(value.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(value.dim() == 2 && value.size(1) == columns, name, ": expected shape (rows, ",
-              columns, "), got ", value.sizes());
-  TORCH_CHECK(value.device().is_cpu(), name, ": expected a CPU tensor, got ", value.device());
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()), name, ": expected a floating dtype, got ",
-              value.scalar_type());
-  return value.to(accumulation_dtype(features_dtype)).contiguous();
-}
-
-inline void check_scales(at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                         size_t layers) {
-  TORCH_CHECK(scale_y.size() == layers && scale_x.size() == layers,
-              "scale_y, scale_x: expected one scale per layer (", layers, "), got ", scale_y.size(),
-              " and ", scale_x.size());
-  for (size_t i = 0; i < layers; ++i) {
-    TORCH_CHECK(std::isfinite(scale_y[i]) && scale_y[i] > 0 && std::isfinite(scale_x[i]) &&
-                    scale_x[i] > 0,
-                "scale_y, scale_x: expected positive finite scales, got (", scale_y[i], ", ",
-                scale_x[i], ") for layer ", i);
-  }
-}
-
-inline void check_padding(int64_t padding) {
-  TORCH_CHECK(padding == kPaddingBorder || padding == kPaddingZeros,
-              "padding: expected 0 (border) or 1 (zeros), got ", padding);
-}
-
-inline void check_output_size(int64_t output_height, int64_t output_width) {
-  TORCH_CHECK(output_height >= 1 && output_width >= 1,
-              "output_height, output_width: expected positive sizes, got (", output_height, ", ",
-              output_width, ")");
-}
-
-// The gradient of an output: its shape and dtype, on the CPU (any strides).
-inline void check_grad(const at::Tensor& grad, at::IntArrayRef sizes, at::ScalarType dtype) {
-  TORCH_CHECK(grad.defined(), "grad: expected a tensor, got an undefined one");
-  TORCH_CHECK(grad.sizes() == sizes, "grad: expected shape ", sizes, " (the output's), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == dtype, "grad: expected dtype ", dtype, ", got ",
-              grad.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu(), "grad: expected a CPU tensor, got ", grad.device());
-}
-
-inline int64_t total_channels(at::TensorList features) {
-  int64_t channels = 0;
-  for (const auto& f : features) channels += f.size(1);
-  return channels;
-}
-
-// ----------------------------------------------------------------------------- the points
-
-template <typename acc_t>
-struct ImagePoint {
-  acc_t batch_value, x, y;  // image pixels
-  acc_t u, v;               // relative place in the object box
-};
-
-// Points (N, 3) rows (batch_index, x, y) and their places (N, 2) rows (u, v), if any. Without
-// places K must be 1, where any finite place gives the single cell weight 1.
-template <typename acc_t>
-struct PointList {
-  const acc_t* points;
-  const acc_t* locations;  // may be null
-  int64_t count;
-
-  int64_t size() const { return count; }
-  int64_t rows() const { return count; }
-  int64_t points_per_row() const { return 1; }
-
-  ImagePoint<acc_t> operator()(int64_t p) const {
-    const acc_t* row = points + 3 * p;
-    ImagePoint<acc_t> point{row[0], row[1], row[2], acc_t(0.5), acc_t(0.5)};
-    if (locations != nullptr) {
-      point.u = locations[2 * p];
-      point.v = locations[2 * p + 1];
-    }
-    return point;
-  }
-};
-
-// The (oh, ow) grid of every box (R, 5) rows (batch_index, x1, y1, x2, y2): point p is box
-// p / (oh * ow), grid row and column in row-major order.
-template <typename acc_t>
-struct BoxGrid {
-  const acc_t* boxes;
-  int64_t count, output_height, output_width;
-
-  int64_t size() const { return count * output_height * output_width; }
-  int64_t rows() const { return count; }
-  int64_t points_per_row() const { return output_height * output_width; }
-
-  ImagePoint<acc_t> operator()(int64_t p) const {
-    const int64_t cells = output_height * output_width;
-    const int64_t r = p / cells;
-    const int64_t i = (p - r * cells) / output_width;
-    const int64_t j = p - r * cells - i * output_width;
-    const acc_t* box = boxes + 5 * r;
-    ImagePoint<acc_t> point;
-    point.batch_value = box[0];
-    box_grid_point<acc_t>(box[1], box[2], box[3], box[4], i, j, output_height, output_width,
-                          &point.x, &point.y, &point.u, &point.v);
-    return point;
-  }
-
-  // A box grid is separable: grid column j has one x and one u, grid row i one y and one v.
-  // Box r's xs[j], us[j] (ow each) and ys[i], vs[i] (oh each), as operator() computes them.
-  void axes(int64_t r, std::vector<acc_t>* xs, std::vector<acc_t>* ys, std::vector<acc_t>* us,
-            std::vector<acc_t>* vs) const {
-    const acc_t* box = boxes + 5 * r;
-    xs->resize(output_width);
-    us->resize(output_width);
-    ys->resize(output_height);
-    vs->resize(output_height);
-    acc_t x, y, u, v;
-    for (int64_t j = 0; j < output_width; ++j) {
-      box_grid_point<acc_t>(box[1], box[2], box[3], box[4], 0, j, output_height, output_width,
-                            &x, &y, &(*us)[j], &v);
-      (*xs)[j] = x;
-    }
-    for (int64_t i = 0; i < output_height; ++i) {
-      box_grid_point<acc_t>(box[1], box[2], box[3], box[4], i, 0, output_height, output_width,
-                            &x, &(*ys)[i], &u, &(*vs)[i]);
-    }
-  }
-};
-
-// Where point p's values live in a tensor laid out (rows, channels, oh, ow) or (rows, channels):
-// row r = p / (oh * ow), grid cell (i, j); channel c adds c * channel_stride.
-struct PointLayout {
-  int64_t output_height, output_width;
-  int64_t row_stride, i_stride, j_stride, channel_stride;
-
-  int64_t offset(int64_t p) const {
-    const int64_t cells = output_height * output_width;
-    const int64_t r = p / cells;
-    const int64_t i = (p - r * cells) / output_width;
-    const int64_t j = p - r * cells - i * output_width;
-    return r * row_stride + i * i_stride + j * j_stride;
-  }
-};
-
-// (N, channels) with the given strides.
-inline PointLayout row_layout(int64_t row_stride, int64_t channel_stride) {
-  return PointLayout{1, 1, row_stride, 0, 0, channel_stride};
-}
-
-// (R, channels, oh, ow) with the strides of `t`.
-inline PointLayout grid_layout(const at::Tensor& t) {
-  return PointLayout{t.size(2), t.size(3), t.stride(0), t.stride(2), t.stride(3), t.stride(1)};
-}
-
-// ----------------------------------------------------------------------------- bilinear taps
 
 template <typename scalar_t>
 struct FeatureMap {
@@ -246,12 +43,11 @@ struct SampleTaps {
   acc_t weight[4];
 };
 
-// A point samples a map only if its batch index is valid and its coordinates finite; the
-// others get NaN outputs and no gradient.
+// A point samples a map only if its batch index is valid and its coordinates (a box grid's: its
+// box's extents) finite; the others get NaN outputs and no gradient.
 template <typename acc_t>
 bool sample_batch(const ImagePoint<acc_t>& point, int64_t batch, int64_t* b) {
-  return batch_index<acc_t>(point.batch_value, batch, b) && std::isfinite(point.x) &&
-         std::isfinite(point.y);
+  return batch_index<acc_t>(point.batch_value, batch, b) && point.finite;
 }
 
 // Taps of point (x, y) in batch item b of a (height, width) map, as offsets with strides
@@ -270,52 +66,181 @@ SampleTaps<acc_t> sample_taps(const FeatureMap<scalar_t>& map, acc_t x, acc_t y,
                            {t.w00, t.w01, t.w10, t.w11}};
 }
 
-// One axis of a box grid on one map: per grid column (or row) its two map indices and their
-// weights with the padding folded in, so that bilinear_taps's four weights are the products of
-// the two axes' weights.
+// One axis of a box grid on one map: per grid line k (a column along x, a row along y) the map
+// indices that its cells' samples tap and their weights, the samples' bilinear weights divided
+// by their count and summed per index (with the defaults: one sample, two taps). Every line has
+// `taps` entries, an even number of at least 2: shorter lists are padded with weight 0 at an index
+// they read, so that a grid point's taps are (taps / 2) x (taps / 2) groups of four (BoxTaps).
 template <typename acc_t>
 struct BoxAxis {
-  std::vector<int64_t> index0, index1;
-  std::vector<acc_t> weight0, weight1;
+  int64_t taps = 0;
+  std::vector<int64_t> index;  // (lines, taps), in [0, size)
+  std::vector<acc_t> weight;   // (lines, taps)
 
-  // Image coordinates `coord` (pixels) on a map axis of `size` with `scale`.
-  void set(const std::vector<acc_t>& coord, double scale, int64_t size, int64_t padding) {
-    const size_t count = coord.size();
-    index0.resize(count);
-    index1.resize(count);
-    weight0.resize(count);
-    weight1.resize(count);
-    for (size_t k = 0; k < count; ++k) {
-      acc_t frac;
-      const bool inside =
-          feature_axis<acc_t>(coord[k], acc_t(scale), size, padding, &index0[k], &index1[k], &frac);
-      const acc_t keep = inside ? acc_t(1) : acc_t(0);
-      weight0[k] = keep * (acc_t(1) - frac);
-      weight1[k] = keep * frac;
+  // Grid lines [0, lines) of a box side [start, end] (image pixels) on a map axis of `size`
+  // pixels and `scale`.
+  void set(acc_t start, acc_t end, double scale, int64_t lines, int64_t size, const BoxSampling& sampling) {
+    CellAxis<acc_t> axis =
+        cell_axis<acc_t>(start, end, acc_t(scale), 0, lines, sampling.sampling_ratio, sampling.aligned);
+    if (axis.count == 1) {  // one sample a line: its two taps, merged where they coincide (as below)
+      taps = 2;
+      index.resize(lines * 2);
+      weight.resize(lines * 2);
+      for (int64_t k = 0; k < lines; ++k) {
+        axis.cell = k;
+        int64_t lo, hi;
+        acc_t w_lo, w_hi;
+        cell_sample_taps<acc_t>(axis, 0, size, sampling.padding, sampling.aligned, &lo, &hi, &w_lo, &w_hi);
+        const bool same = lo == hi;
+        index[2 * k] = lo;
+        index[2 * k + 1] = hi;
+        weight[2 * k] = same ? w_lo + w_hi : w_lo;
+        weight[2 * k + 1] = same ? acc_t(0) : w_hi;
+      }
+      return;
+    }
+    slot_of_index_.assign(size, -1);
+    line_end_.clear();
+    merged_index_.clear();
+    merged_weight_.clear();
+    int64_t longest = 0, line_begin = 0;
+    for (int64_t k = 0; k < lines; ++k) {
+      axis.cell = k;
+      for (int64_t s = 0; s < axis.count; ++s) {
+        int64_t lo, hi;
+        acc_t w_lo, w_hi;
+        cell_sample_taps<acc_t>(axis, s, size, sampling.padding, sampling.aligned, &lo, &hi, &w_lo, &w_hi);
+        add(lo, w_lo, line_begin);
+        add(hi, w_hi, line_begin);
+      }
+      const int64_t line_end = static_cast<int64_t>(merged_index_.size());
+      for (int64_t e = line_begin; e < line_end; ++e) slot_of_index_[merged_index_[e]] = -1;
+      longest = std::max(longest, line_end - line_begin);
+      line_end_.push_back(line_end);
+      line_begin = line_end;
+    }
+    taps = std::max<int64_t>(2, (longest + 1) / 2 * 2);
+    index.assign(lines * taps, 0);
+    weight.assign(lines * taps, acc_t(0));
+    for (int64_t k = 0; k < lines; ++k) {
+      const int64_t first = k == 0 ? 0 : line_end_[k - 1];
+      for (int64_t e = first; e < line_end_[k]; ++e) {
+        index[k * taps + e - first] = merged_index_[e];
+        weight[k * taps + e - first] = merged_weight_[e];
+      }
+      for (int64_t e = line_end_[k] - first; e < taps && e > 0; ++e) index[k * taps + e] = index[k * taps];
+    }
+  }
+
+ private:
+  // Adds weight w at map index i to the line whose entries start at line_begin.
+  void add(int64_t i, acc_t w, int64_t line_begin) {
+    if (slot_of_index_[i] < 0) {
+      slot_of_index_[i] = static_cast<int64_t>(merged_index_.size()) - line_begin;
+      merged_index_.push_back(i);
+      merged_weight_.push_back(w);
+    } else {
+      merged_weight_[line_begin + slot_of_index_[i]] += w;
+    }
+  }
+
+  // Scratch of set(), kept between calls.
+  std::vector<int64_t> slot_of_index_, line_end_, merged_index_;
+  std::vector<acc_t> merged_weight_;
+};
+
+// Calls fn(two) with two = std::true_type where every grid line has two taps (the default
+// sampling: loops over taps unroll), else with false (loops run to each axis's `taps`).
+template <typename Fn>
+void with_two_taps(bool two, const Fn& fn) {
+  if (two) {
+    fn(std::true_type());
+  } else {
+    fn(false);
+  }
+}
+
+// The taps of one box's grid points on one map: grid point (i, j) takes the products of grid row
+// i's y taps and grid column j's x taps.
+template <typename acc_t>
+struct BoxTaps {
+  BoxAxis<acc_t> along_y, along_x;
+
+  template <typename scalar_t>
+  void set(const BoxGrid<acc_t>& grid, int64_t r, const FeatureMap<scalar_t>& map) {
+    const acc_t* box = grid.boxes + 5 * r;
+    along_y.set(box[2], box[4], map.scale_y, grid.output_height, map.height, grid.sampling);
+    along_x.set(box[1], box[3], map.scale_x, grid.output_width, map.width, grid.sampling);
+  }
+
+  // Grid point (i, j)'s taps, as groups of four with offsets base + y * stride_h + x * stride_w,
+  // appended to *out.
+  void groups(int64_t i, int64_t j, int64_t base, int64_t stride_h, int64_t stride_w,
+              std::vector<SampleTaps<acc_t>>* out) const {
+    const int64_t ty = along_y.taps, tx = along_x.taps;
+    const int64_t* ys = along_y.index.data() + i * ty;
+    const acc_t* wy = along_y.weight.data() + i * ty;
+    const int64_t* xs = along_x.index.data() + j * tx;
+    const acc_t* wx = along_x.weight.data() + j * tx;
+    for (int64_t a = 0; a < ty; a += 2) {
+      const int64_t top = base + ys[a] * stride_h, bottom = base + ys[a + 1] * stride_h;
+      for (int64_t c = 0; c < tx; c += 2) {
+        const int64_t left = xs[c] * stride_w, right = xs[c + 1] * stride_w;
+        out->push_back(SampleTaps<acc_t>{{top + left, top + right, bottom + left, bottom + right},
+                                         {wy[a] * wx[c], wy[a] * wx[c + 1], wy[a + 1] * wx[c], wy[a + 1] * wx[c + 1]}});
+      }
     }
   }
 };
 
-// The distinct map indices a box grid's axis reads (`indices`, in [0, size)) and, per grid row
-// (or column), where its two map indices are in that list.
+// The taps of the points of a source on its layers' maps, as groups of four (SampleTaps) whose sum
+// is each point's sample: one group for a point of a list (bilinear_taps), (ty / 2) x (tx / 2) for
+// a box grid's (BoxTaps, found once per box and layer and kept while the points stay in that box).
+// One per thread.
+template <typename acc_t>
+struct PointTapper {
+  int64_t row = -1, layer = -1;
+  BoxTaps<acc_t> box;
+
+  // Point p (`point` = source(p), in image b) on layer `l`'s map.
+  template <typename scalar_t>
+  void append(const PointList<acc_t>&, int64_t, const ImagePoint<acc_t>& point, const FeatureMap<scalar_t>& map,
+              int64_t, int64_t padding, int64_t b, int64_t stride_b, int64_t stride_h, int64_t stride_w,
+              std::vector<SampleTaps<acc_t>>* out) {
+    out->push_back(sample_taps<acc_t>(map, point.x, point.y, padding, b, stride_b, stride_h, stride_w));
+  }
+
+  template <typename scalar_t>
+  void append(const BoxGrid<acc_t>& grid, int64_t p, const ImagePoint<acc_t>&, const FeatureMap<scalar_t>& map,
+              int64_t l, int64_t, int64_t b, int64_t stride_b, int64_t stride_h, int64_t stride_w,
+              std::vector<SampleTaps<acc_t>>* out) {
+    const int64_t cells = grid.points_per_row(), r = p / cells;
+    const int64_t i = (p - r * cells) / grid.output_width, j = p - r * cells - i * grid.output_width;
+    if (r != row || l != layer) {
+      box.set(grid, r, map);
+      row = r;
+      layer = l;
+    }
+    box.groups(i, j, b * stride_b, stride_h, stride_w, out);
+  }
+};
+
+// The distinct map indices a box grid's axis reads (`indices`, in [0, size)) and, per grid line
+// and tap, where its map index is in that list (`slots`, (lines, taps)).
 template <typename acc_t>
 void distinct_indices(const BoxAxis<acc_t>& axis, int64_t size, std::vector<int64_t>* indices,
-                      std::vector<int64_t>* slot0, std::vector<int64_t>* slot1) {
+                      std::vector<int64_t>* slots) {
   std::vector<int64_t> slot_of_index(size, -1);
-  const size_t count = axis.index0.size();
+  const size_t count = axis.index.size();
   indices->clear();
-  slot0->resize(count);
-  slot1->resize(count);
-  auto slot = [&](int64_t index) {
+  slots->resize(count);
+  for (size_t k = 0; k < count; ++k) {
+    const int64_t index = axis.index[k];
     if (slot_of_index[index] < 0) {
       slot_of_index[index] = static_cast<int64_t>(indices->size());
       indices->push_back(index);
     }
-    return slot_of_index[index];
-  };
-  for (size_t k = 0; k < count; ++k) {
-    (*slot0)[k] = slot(axis.index0[k]);
-    (*slot1)[k] = slot(axis.index1[k]);
+    (*slots)[k] = slot_of_index[index];
   }
 }
 
@@ -327,15 +252,31 @@ SampleTaps<acc_t> invalid_taps() {
   return SampleTaps<acc_t>{{0, 0, 0, 0}, {nan, nan, nan, nan}};
 }
 
+// The taps of a block of points on one map: point i's are groups [first(i), end[i]) of `groups`.
+template <typename acc_t>
+struct BlockTaps {
+  std::vector<SampleTaps<acc_t>> groups;
+  std::vector<int64_t> end;
+
+  void clear() {
+    groups.clear();
+    end.clear();
+  }
+  // Closes the current point: the groups appended since the previous one are its.
+  void close() { end.push_back(static_cast<int64_t>(groups.size())); }
+  int64_t first(int64_t i) const { return i == 0 ? 0 : end[i - 1]; }
+};
+
 // Bilinear samples of channels [c0, c1) of `map` at `count` points:
-// dst[dst_offset[i] + (c - c0) * dst_stride] for point i. Channels are the inner loop, as
-// contiguous runs where the map is channels_last; where channels are far apart (NCHW) they go
-// in chunks whose planes fit in cache while every point of the block reads them, so each point
-// loads its taps once per chunk and writes a run of its channels.
+// dst[dst_offset[i] + (c - c0) * dst_stride] for point i, the sum of its groups of taps (the first
+// written, the others added in order in out_t: several groups only for sampled box grids, which
+// gather into accumulation-dtype tiles). Channels are the inner loop, as contiguous runs where the
+// map is channels_last; where channels are far apart (NCHW) they go in chunks whose planes fit in
+// cache while every point of the block reads them, so each point loads its taps once per chunk
+// and writes a run of its channels.
 template <typename scalar_t, typename acc_t, typename out_t>
-void gather_channels(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* taps,
-                     const int64_t* dst_offset, int64_t count, int64_t c0, int64_t c1, out_t* dst,
-                     int64_t dst_stride) {
+void gather_channels(const FeatureMap<scalar_t>& map, const BlockTaps<acc_t>& taps, const int64_t* dst_offset,
+                     int64_t count, int64_t c0, int64_t c1, out_t* dst, int64_t dst_stride) {
   const int64_t channels = c1 - c0;
   if (map.batch == 0) {  // an empty map has no valid point and nothing to read
     for (int64_t i = 0; i < count; ++i)
@@ -346,16 +287,24 @@ void gather_channels(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* t
   const scalar_t* data = map.data + c0 * sc;
   if (sc == 1 && dst_stride == 1) {
     for (int64_t i = 0; i < count; ++i) {
-      const SampleTaps<acc_t>& t = taps[i];
-      const scalar_t* f0 = data + t.offset[0];
-      const scalar_t* f1 = data + t.offset[1];
-      const scalar_t* f2 = data + t.offset[2];
-      const scalar_t* f3 = data + t.offset[3];
       out_t* out = dst + dst_offset[i];
+      for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
+        const SampleTaps<acc_t>& t = taps.groups[g];
+        const scalar_t* f0 = data + t.offset[0];
+        const scalar_t* f1 = data + t.offset[1];
+        const scalar_t* f2 = data + t.offset[2];
+        const scalar_t* f3 = data + t.offset[3];
+        const auto blend = [&](int64_t c) {
+          return t.weight[0] * acc_t(f0[c]) + t.weight[1] * acc_t(f1[c]) + t.weight[2] * acc_t(f2[c]) +
+                 t.weight[3] * acc_t(f3[c]);
+        };
+        if (g == taps.first(i)) {
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        out[c] = out_t(t.weight[0] * acc_t(f0[c]) + t.weight[1] * acc_t(f1[c]) +
-                       t.weight[2] * acc_t(f2[c]) + t.weight[3] * acc_t(f3[c]));
+          for (int64_t c = 0; c < channels; ++c) out[c] = out_t(blend(c));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) out[c] = out_t(acc_t(out[c]) + blend(c));
+        }
       }
     }
     return;
@@ -367,71 +316,17 @@ void gather_channels(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* t
   for (int64_t k0 = 0; k0 < channels; k0 += chunk) {
     const int64_t k1 = std::min(k0 + chunk, channels);
     for (int64_t i = 0; i < count; ++i) {
-      const SampleTaps<acc_t>& t = taps[i];
-      const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];
-      const int64_t o0 = t.offset[0], o1 = t.offset[1], o2 = t.offset[2], o3 = t.offset[3];
       out_t* out = dst + dst_offset[i];
-      for (int64_t c = k0; c < k1; ++c) {
-        const scalar_t* f = data + c * sc;
-        out[c * dst_stride] = out_t(w0 * acc_t(f[o0]) + w1 * acc_t(f[o1]) + w2 * acc_t(f[o2]) +
-                                    w3 * acc_t(f[o3]));
-      }
-    }
-  }
-}
-
-// ----------------------------------------------------------------------------- work items
-
-// Runs fn(item) for item in [0, count) on at::parallel_for's threads, handing items out as
-// threads free up (items may differ in cost). Items must write disjoint outputs. Worker
-// threads do not inherit the caller's dispatch state, so ATen calls inside an item (GEMM tiles)
-// are explicitly kept below autograd, as the kernel itself is.
-template <typename Fn>
-void run_items(int64_t count, const Fn& fn) {
-  if (count <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t item = next++; item < count; item = next++) fn(item);
-  });
-}
-
-// A block of channels [c0, c1) of one layer: the unit of work of a backward scatter.
-struct ChannelBlock {
-  int64_t layer, c0, c1;
-};
-
-// Channel blocks of every layer, each small enough that a float accumulator of the block over
-// the whole map (B * H * W * channels) fits kAccumulatorElements.
-inline std::vector<ChannelBlock> channel_blocks(at::TensorList features,
-                                                const std::vector<int64_t>& layers) {
-  std::vector<ChannelBlock> blocks;
-  for (int64_t l : layers) {
-    const at::Tensor& f = features[l];
-    const int64_t pixels = std::max<int64_t>(f.size(0) * f.size(2) * f.size(3), 1);
-    const int64_t width = std::max<int64_t>(kAccumulatorElements / pixels, 1);
-    for (int64_t c0 = 0; c0 < f.size(1); c0 += width)
-      blocks.push_back(ChannelBlock{l, c0, std::min(c0 + width, f.size(1))});
-  }
-  return blocks;
-}
-
-// Writes a (B, H, W, c1 - c0) accumulator into channels [c0, c1) of `grad` (B, C, H, W, any
-// strides).
-template <typename scalar_t, typename acc_t>
-void write_channel_block(const std::vector<acc_t>& block, const at::Tensor& grad, int64_t c0,
-                         int64_t c1) {
-  scalar_t* out = grad.data_ptr<scalar_t>();
-  const int64_t batch = grad.size(0), height = grad.size(2), width = grad.size(3);
-  const int64_t channels = c1 - c0;
-  const int64_t sb = grad.stride(0), sc = grad.stride(1), sh = grad.stride(2), sw = grad.stride(3);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t y = 0; y < height; ++y) {
-      for (int64_t x = 0; x < width; ++x) {
-        const acc_t* from = block.data() + ((b * height + y) * width + x) * channels;
-        scalar_t* to = out + b * sb + c0 * sc + y * sh + x * sw;
-        for (int64_t c = 0; c < channels; ++c) to[c * sc] = scalar_t(from[c]);
+      for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
+        const SampleTaps<acc_t>& t = taps.groups[g];
+        const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];
+        const int64_t o0 = t.offset[0], o1 = t.offset[1], o2 = t.offset[2], o3 = t.offset[3];
+        const bool first = g == taps.first(i);
+        for (int64_t c = k0; c < k1; ++c) {
+          const scalar_t* f = data + c * sc;
+          const acc_t value = w0 * acc_t(f[o0]) + w1 * acc_t(f[o1]) + w2 * acc_t(f[o2]) + w3 * acc_t(f[o3]);
+          out[c * dst_stride] = out_t(first ? value : acc_t(out[c * dst_stride]) + value);
+        }
       }
     }
   }

@@ -2,8 +2,9 @@
 //
 // Forward: parallel over blocks of points; per block and layer the bilinear taps are computed
 // once per point, then every channel is gathered with them (no copy of the features, whatever
-// their strides). box_hypercolumn on planar (NCHW-like) maps instead goes box by box, channel
-// plane by channel plane, in the output's order, using the separability of a box grid.
+// their strides). box_hypercolumn on planar (NCHW-like) maps, and wherever its cells average
+// several samples (sampling_ratio, aligned=false), instead goes box by box, channel plane by
+// channel plane, in the output's order, using the separability of a box grid.
 // Backward: parallel over channel blocks of each layer; an item scatters all points, in order,
 // into a float accumulator of its channels and writes that into the gradient, so each gradient
 // element has one writer and a fixed summation order.
@@ -13,7 +14,10 @@
 
 #include <vector>
 
+#include "checks.h"
+#include "cpu/points.h"
 #include "cpu/sampling.h"
+#include "cpu/work.h"
 #include "poison.h"
 
 namespace hypercolumn_ops {
@@ -43,9 +47,8 @@ constexpr int64_t kTransposeChannels = 64;
 // so that each point reads contiguous runs instead of one element per plane. `taps` hold pixel
 // indices ((b * H + y) * W + x).
 template <typename scalar_t, typename acc_t>
-void gather_small_map(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* taps,
-                      const int64_t* dst_offset, int64_t count, scalar_t* dst, int64_t dst_stride,
-                      std::vector<acc_t>& chunk) {
+void gather_small_map(const FeatureMap<scalar_t>& map, const BlockTaps<acc_t>& taps, const int64_t* dst_offset,
+                      int64_t count, scalar_t* dst, int64_t dst_stride, std::vector<acc_t>& chunk) {
   const int64_t pixels = map.batch * map.height * map.width;
   chunk.resize(pixels * kTransposeChannels);
   for (int64_t c0 = 0; c0 < map.channels; c0 += kTransposeChannels) {
@@ -58,24 +61,28 @@ void gather_small_map(const FeatureMap<scalar_t>& map, const SampleTaps<acc_t>* 
           for (int64_t x = 0; x < map.width; ++x) to[x * width] = acc_t(from[x * map.stride_w]);
         }
     for (int64_t i = 0; i < count; ++i) {
-      const SampleTaps<acc_t>& t = taps[i];
-      const acc_t* f0 = chunk.data() + t.offset[0] * width;
-      const acc_t* f1 = chunk.data() + t.offset[1] * width;
-      const acc_t* f2 = chunk.data() + t.offset[2] * width;
-      const acc_t* f3 = chunk.data() + t.offset[3] * width;
       scalar_t* out = dst + dst_offset[i] + c0 * dst_stride;
+      for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
+        const SampleTaps<acc_t>& t = taps.groups[g];
+        const acc_t* f0 = chunk.data() + t.offset[0] * width;
+        const acc_t* f1 = chunk.data() + t.offset[1] * width;
+        const acc_t* f2 = chunk.data() + t.offset[2] * width;
+        const acc_t* f3 = chunk.data() + t.offset[3] * width;
+        const bool first = g == taps.first(i);
 #pragma omp simd
-      for (int64_t c = 0; c < width; ++c) {
-        out[c * dst_stride] = scalar_t(t.weight[0] * f0[c] + t.weight[1] * f1[c] +
-                                       t.weight[2] * f2[c] + t.weight[3] * f3[c]);
+        for (int64_t c = 0; c < width; ++c) {
+          const acc_t value = t.weight[0] * f0[c] + t.weight[1] * f1[c] + t.weight[2] * f2[c] + t.weight[3] * f3[c];
+          out[c * dst_stride] = scalar_t(first ? value : acc_t(out[c * dst_stride]) + value);
+        }
       }
     }
   }
 }
 
 // Hypercolumns of every point of `source` into `out` at `layout` (layer l's channels start at
-// the sum of the earlier layers' channel counts). Each element is written once; points that
-// sample nothing (invalid batch index, non-finite coordinates) get NaN.
+// the sum of the earlier layers' channel counts): points, or box grids of one sample a cell (whose
+// taps are one group: the output is written in its dtype, never summed there). Each element is
+// written once; points that sample nothing (invalid batch index, non-finite coordinates) get NaN.
 template <typename scalar_t, typename Source>
 void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<double> scale_y,
                     at::ArrayRef<double> scale_x, int64_t padding, scalar_t* out,
@@ -86,9 +93,12 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
     maps.push_back(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
   const std::vector<int64_t> first = first_channels(features);
   at::parallel_for(0, source.size(), kSampleBlock, [&](int64_t begin, int64_t end) {
-    std::vector<ImagePoint<acc_t>> points(kSampleBlock);
-    std::vector<SampleTaps<acc_t>> taps(kSampleBlock);
-    std::vector<int64_t> offsets(kSampleBlock);
+    // Sized to the work, not the block: a call of a few points does not clear 76 KiB.
+    const int64_t block = std::min(kSampleBlock, end - begin);
+    std::vector<ImagePoint<acc_t>> points(block);
+    std::vector<int64_t> offsets(block);
+    BlockTaps<acc_t> taps;
+    PointTapper<acc_t> tapper;
     std::vector<acc_t> chunk;
     for (int64_t start = begin; start < end; start += kSampleBlock) {
       const int64_t count = std::min(kSampleBlock, end - start);
@@ -102,24 +112,25 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
         // several points per pixel.
         const bool transpose = map.stride_c != 1 && map.batch > 0 &&
                                4 * map.batch * map.height * map.width <= count;
+        taps.clear();
         for (int64_t i = 0; i < count; ++i) {
           int64_t b;
           if (!sample_batch(points[i], map.batch, &b)) {
-            taps[i] = invalid_taps<acc_t>();
+            taps.groups.push_back(invalid_taps<acc_t>());
           } else if (transpose) {
-            taps[i] = sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b,
-                                         map.height * map.width, map.width, 1);
+            tapper.append(source, start + i, points[i], map, l, padding, b, map.height * map.width, map.width, 1,
+                          &taps.groups);
           } else {
-            taps[i] = sample_taps<acc_t>(map, points[i].x, points[i].y, padding, b, map.stride_b,
-                                         map.stride_h, map.stride_w);
+            tapper.append(source, start + i, points[i], map, l, padding, b, map.stride_b, map.stride_h,
+                          map.stride_w, &taps.groups);
           }
+          taps.close();
         }
         scalar_t* dst = out + first[l] * layout.channel_stride;
         if (transpose) {
-          gather_small_map(map, taps.data(), offsets.data(), count, dst, layout.channel_stride, chunk);
+          gather_small_map(map, taps, offsets.data(), count, dst, layout.channel_stride, chunk);
         } else {
-          gather_channels(map, taps.data(), offsets.data(), count, 0, map.channels, dst,
-                          layout.channel_stride);
+          gather_channels(map, taps, offsets.data(), count, 0, map.channels, dst, layout.channel_stride);
         }
       }
     }
@@ -136,16 +147,16 @@ bool planar(const FeatureMap<scalar_t>& map) {
   return map.stride_c >= std::max(map.stride_w, map.stride_h);
 }
 
-// box_hypercolumn into a contiguous (R, C, oh, ow) `out` from planar maps. Work items are
-// (box, block of channels) in the output's order, so each thread writes (and first-touches) its
-// own contiguous part of the output. A box's grid is separable (a grid column has one x, a grid
-// row one y): per channel plane, every map row the grid reads is interpolated along x at the
-// grid's columns, then each grid row is one weighted sum of two of those, written as a
-// contiguous run of ow values.
+// box_hypercolumn into a contiguous (R, C, oh, ow) `out`, from planar maps (and, for sampled
+// grids, from any: their cells' sums are kept in the accumulation dtype until written). Work
+// items are (box, block of channels) in the output's order, so each thread writes (and
+// first-touches) its own contiguous part of the output. A box's grid is separable (BoxTaps): per
+// channel plane, every map row the grid reads is interpolated along x at the grid's columns, then
+// each grid row is one weighted sum of its rows' interpolations, written as a contiguous run of
+// ow values.
 template <typename scalar_t>
 void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& source,
-                 at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, int64_t padding,
-                 scalar_t* out) {
+                 at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   std::vector<FeatureMap<scalar_t>> maps;
   std::vector<ChannelBlock> blocks;
@@ -160,9 +171,9 @@ void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& sou
   const int64_t channels = total_channels(features);
   const int64_t block_count = static_cast<int64_t>(blocks.size());
   at::parallel_for(0, source.rows() * block_count, 1, [&](int64_t begin, int64_t end) {
-    BoxAxis<acc_t> along_x, along_y;
-    std::vector<acc_t> xs, ys, us, vs, interpolated;
-    std::vector<int64_t> x0(ow), x1(ow), rows, slot0, slot1;
+    BoxTaps<acc_t> taps;
+    std::vector<acc_t> interpolated;
+    std::vector<int64_t> x_offsets, rows, row_slots;
     int64_t taps_row = -1, taps_layer = -1, batch_offset = 0;
     bool valid = false;
     for (int64_t item = begin; item < end; ++item) {
@@ -172,45 +183,51 @@ void box_forward(at::TensorList features, const BoxGrid<acc_type<scalar_t>>& sou
       scalar_t* dst = out + (r * channels + first[block.layer] + block.c0) * cells;
       if (r != taps_row || block.layer != taps_layer) {
         int64_t b;
-        valid = batch_index<acc_t>(source.boxes[5 * r], map.batch, &b);
+        valid = batch_index<acc_t>(source.boxes[5 * r], map.batch, &b) && source.extents_finite(r);
         if (valid) {
-          source.axes(r, &xs, &ys, &us, &vs);
-          along_x.set(xs, map.scale_x, map.width, padding);
-          along_y.set(ys, map.scale_y, map.height, padding);
-          for (int64_t j = 0; j < ow; ++j) {
-            x0[j] = along_x.index0[j] * map.stride_w;
-            x1[j] = along_x.index1[j] * map.stride_w;
-          }
-          distinct_indices(along_y, map.height, &rows, &slot0, &slot1);
+          taps.set(source, r, map);
+          x_offsets.resize(taps.along_x.index.size());
+          for (size_t k = 0; k < x_offsets.size(); ++k) x_offsets[k] = taps.along_x.index[k] * map.stride_w;
+          distinct_indices(taps.along_y, map.height, &rows, &row_slots);
           interpolated.resize(rows.size() * ow);
           batch_offset = b * map.stride_b;
         }
         taps_row = r;
         taps_layer = block.layer;
       }
-      if (!valid) {  // an invalid batch index: the box samples nothing
+      if (!valid) {  // an invalid batch index or box: the box samples nothing
         std::fill(dst, dst + (block.c1 - block.c0) * cells, scalar_t(quiet_nan<acc_t>()));
         continue;
       }
-      const acc_t* wx0 = along_x.weight0.data();
-      const acc_t* wx1 = along_x.weight1.data();
-      for (int64_t c = block.c0; c < block.c1; ++c, dst += cells) {
-        const scalar_t* plane = map.data + batch_offset + c * map.stride_c;
-        for (size_t s = 0; s < rows.size(); ++s) {
-          const scalar_t* line = plane + rows[s] * map.stride_h;
-          acc_t* to = interpolated.data() + s * ow;
-          for (int64_t j = 0; j < ow; ++j)
-            to[j] = wx0[j] * acc_t(line[x0[j]]) + wx1[j] * acc_t(line[x1[j]]);
-        }
-        for (int64_t i = 0; i < oh; ++i) {
-          const acc_t* top = interpolated.data() + slot0[i] * ow;
-          const acc_t* bottom = interpolated.data() + slot1[i] * ow;
-          const acc_t wy0 = along_y.weight0[i], wy1 = along_y.weight1[i];
-          scalar_t* row = dst + i * ow;
+      with_two_taps(taps.along_x.taps == 2 && taps.along_y.taps == 2, [&](auto two) {
+        const int64_t tx = two ? 2 : taps.along_x.taps, ty = two ? 2 : taps.along_y.taps;
+        const acc_t* wx = taps.along_x.weight.data();
+        const acc_t* wy = taps.along_y.weight.data();
+        scalar_t* to_plane = dst;
+        for (int64_t c = block.c0; c < block.c1; ++c, to_plane += cells) {
+          const scalar_t* plane = map.data + batch_offset + c * map.stride_c;
+          for (size_t s = 0; s < rows.size(); ++s) {
+            const scalar_t* line = plane + rows[s] * map.stride_h;
+            acc_t* to = interpolated.data() + s * ow;
+            for (int64_t j = 0; j < ow; ++j) {
+              acc_t value = wx[j * tx] * acc_t(line[x_offsets[j * tx]]);
+              for (int64_t t = 1; t < tx; ++t) value += wx[j * tx + t] * acc_t(line[x_offsets[j * tx + t]]);
+              to[j] = value;
+            }
+          }
+          for (int64_t i = 0; i < oh; ++i) {
+            scalar_t* row = to_plane + i * ow;
+            const int64_t* slots = row_slots.data() + i * ty;
+            const acc_t* weights = wy + i * ty;
 #pragma omp simd
-          for (int64_t j = 0; j < ow; ++j) row[j] = scalar_t(wy0 * top[j] + wy1 * bottom[j]);
+            for (int64_t j = 0; j < ow; ++j) {
+              acc_t value = weights[0] * interpolated[slots[0] * ow + j];
+              for (int64_t a = 1; a < ty; ++a) value += weights[a] * interpolated[slots[a] * ow + j];
+              row[j] = scalar_t(value);
+            }
+          }
         }
-      }
+      });
     }
   });
 }
@@ -238,22 +255,26 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const PointLayou
     const int64_t channels = block.c1 - block.c0;
     std::vector<acc_t> accumulator(map.batch * map.height * map.width * channels, acc_t(0));
     std::vector<acc_t> column(channels);
+    std::vector<SampleTaps<acc_t>> groups;
+    PointTapper<acc_t> tapper;
     const scalar_t* grad_block =
         grad_data + (first[block.layer] + block.c0) * layout.channel_stride;
     for (int64_t p = 0; p < source.size(); ++p) {
       const ImagePoint<acc_t> point = source(p);
       int64_t b;
       if (!sample_batch(point, map.batch, &b)) continue;  // no gradient from points that sample nothing
-      const SampleTaps<acc_t> taps =
-          sample_taps<acc_t>(map, point.x, point.y, padding, b, map.height * map.width * channels,
-                             map.width * channels, channels);
+      groups.clear();
+      tapper.append(source, p, point, map, block.layer, padding, b, map.height * map.width * channels,
+                    map.width * channels, channels, &groups);
       const scalar_t* g = grad_block + layout.offset(p);
       for (int64_t c = 0; c < channels; ++c) column[c] = acc_t(g[c * layout.channel_stride]);
-      for (int t = 0; t < 4; ++t) {
-        const acc_t weight = taps.weight[t];
-        acc_t* to = accumulator.data() + taps.offset[t];
+      for (const SampleTaps<acc_t>& taps : groups) {
+        for (int t = 0; t < 4; ++t) {
+          const acc_t weight = taps.weight[t];
+          acc_t* to = accumulator.data() + taps.offset[t];
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) to[c] += weight * column[c];
+          for (int64_t c = 0; c < channels; ++c) to[c] += weight * column[c];
+        }
       }
     }
     write_channel_block<scalar_t>(accumulator, grads[block.layer], block.c0, block.c1);
@@ -261,99 +282,79 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const PointLayou
   return grads;
 }
 
-// The checks every sampling operator makes, forward and backward: features, scales, padding,
-// and the coordinate rows (returned in the accumulation dtype, contiguous).
-at::Tensor check_sampling_arguments(at::TensorList features, const char* name, const at::Tensor& rows,
-                                    int64_t columns, at::ArrayRef<double> scale_y,
-                                    at::ArrayRef<double> scale_x, int64_t padding) {
-  check_features(features);
-  check_scales(scale_y, scale_x, features.size());
-  check_padding(padding);
-  return check_coordinates(name, rows, columns, features[0].scalar_type());
-}
-
-at::Tensor sparse_hypercolumn_cpu(at::TensorList features, const at::Tensor& points,
-                                  at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                                  int64_t padding) {
-  const at::Tensor coords = check_sampling_arguments(features, "points", points, 3, scale_y, scale_x,
-                                                     padding);
-  const int64_t count = coords.size(0), channels = total_channels(features);
-  at::Tensor out = new_output({count, channels}, features[0].options());
-  if (count == 0) return out;
+at::Tensor sparse_hypercolumn_cpu(at::TensorList features, const at::Tensor& points, at::IntArrayRef image_size,
+                                  at::ArrayRef<double> spatial_scale, int64_t padding) {
+  const SamplingArguments args = check_sampling(features, c10::DeviceType::CPU, "points", points, 3, image_size,
+                                                spatial_scale, padding);
+  at::Tensor out = new_output({args.count, args.channels}, features[0].options());
+  if (args.count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sparse_hypercolumn", [&] {
     using acc_t = acc_type<scalar_t>;
-    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(), nullptr, count};
-    sample_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>(),
-                             row_layout(channels, 1));
+    const PointList<acc_t> source{args.rows.const_data_ptr<acc_t>(), nullptr, args.count};
+    sample_forward<scalar_t>(features, source, args.scales.y, args.scales.x, padding, out.data_ptr<scalar_t>(),
+                             row_layout(args.channels, 1));
   });
   return out;
 }
 
-std::vector<at::Tensor> sparse_hypercolumn_backward_cpu(const at::Tensor& grad,
-                                                        at::TensorList features,
-                                                        const at::Tensor& points,
-                                                        at::ArrayRef<double> scale_y,
-                                                        at::ArrayRef<double> scale_x,
-                                                        int64_t padding) {
-  const at::Tensor coords = check_sampling_arguments(features, "points", points, 3, scale_y, scale_x,
-                                                     padding);
-  const int64_t count = coords.size(0);
-  check_grad(grad, {count, total_channels(features)}, features[0].scalar_type());
+std::vector<at::Tensor> sparse_hypercolumn_backward_cpu(const at::Tensor& grad, at::TensorList features,
+                                                        const at::Tensor& points, at::IntArrayRef image_size,
+                                                        at::ArrayRef<double> spatial_scale, int64_t padding) {
+  const SamplingArguments args = check_sampling(features, c10::DeviceType::CPU, "points", points, 3, image_size,
+                                                spatial_scale, padding);
+  check_grad(grad, {args.count, args.channels}, features[0]);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_hypercolumn_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const PointList<acc_t> source{coords.const_data_ptr<acc_t>(), nullptr, count};
-    grads = sample_backward<scalar_t>(grad, row_layout(grad.stride(0), grad.stride(1)), features,
-                                      source, scale_y, scale_x, padding);
+    const PointList<acc_t> source{args.rows.const_data_ptr<acc_t>(), nullptr, args.count};
+    grads = sample_backward<scalar_t>(grad, row_layout(grad.stride(0), grad.stride(1)), features, source,
+                                      args.scales.y, args.scales.x, padding);
   });
   return grads;
 }
 
-at::Tensor box_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxes,
-                               int64_t output_height, int64_t output_width,
-                               at::ArrayRef<double> scale_y, at::ArrayRef<double> scale_x,
-                               int64_t padding) {
+at::Tensor box_hypercolumn_cpu(at::TensorList features, const at::Tensor& boxes, int64_t output_height,
+                               int64_t output_width, at::IntArrayRef image_size, at::ArrayRef<double> spatial_scale,
+                               int64_t padding, int64_t sampling_ratio, bool aligned) {
+  const SamplingArguments args = check_sampling(features, c10::DeviceType::CPU, "boxes", boxes, 5, image_size,
+                                                spatial_scale, padding);
   check_output_size(output_height, output_width);
-  const at::Tensor coords = check_sampling_arguments(features, "boxes", boxes, 5, scale_y, scale_x,
-                                                     padding);
-  const int64_t count = coords.size(0), channels = total_channels(features);
-  at::Tensor out =
-      new_output({count, channels, output_height, output_width}, features[0].options());
-  if (count == 0) return out;
+  check_sampling_ratio(sampling_ratio);
+  at::Tensor out = new_output({args.count, args.channels, output_height, output_width}, features[0].options());
+  if (args.count == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "box_hypercolumn", [&] {
     using acc_t = acc_type<scalar_t>;
-    const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
+    const BoxGrid<acc_t> source{args.rows.const_data_ptr<acc_t>(), args.count, output_height, output_width,
+                                BoxSampling{padding, sampling_ratio, aligned}};
     bool all_planar = true;
     for (size_t l = 0; l < features.size(); ++l)
-      all_planar = all_planar && planar(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
-    if (all_planar) {
-      box_forward<scalar_t>(features, source, scale_y, scale_x, padding, out.data_ptr<scalar_t>());
+      all_planar = all_planar && planar(feature_map<scalar_t>(features[l], args.scales.y[l], args.scales.x[l]));
+    if (all_planar || !source.sampling.single()) {
+      box_forward<scalar_t>(features, source, args.scales.y, args.scales.x, out.data_ptr<scalar_t>());
     } else {
-      sample_forward<scalar_t>(features, source, scale_y, scale_x, padding,
-                               out.data_ptr<scalar_t>(), grid_layout(out));
+      sample_forward<scalar_t>(features, source, args.scales.y, args.scales.x, padding, out.data_ptr<scalar_t>(),
+                               grid_layout(out));
     }
   });
   return out;
 }
 
-std::vector<at::Tensor> box_hypercolumn_backward_cpu(const at::Tensor& grad,
-                                                     at::TensorList features,
-                                                     const at::Tensor& boxes,
-                                                     int64_t output_height, int64_t output_width,
-                                                     at::ArrayRef<double> scale_y,
-                                                     at::ArrayRef<double> scale_x,
-                                                     int64_t padding) {
+std::vector<at::Tensor> box_hypercolumn_backward_cpu(const at::Tensor& grad, at::TensorList features,
+                                                     const at::Tensor& boxes, int64_t output_height,
+                                                     int64_t output_width, at::IntArrayRef image_size,
+                                                     at::ArrayRef<double> spatial_scale, int64_t padding,
+                                                     int64_t sampling_ratio, bool aligned) {
+  const SamplingArguments args = check_sampling(features, c10::DeviceType::CPU, "boxes", boxes, 5, image_size,
+                                                spatial_scale, padding);
   check_output_size(output_height, output_width);
-  const at::Tensor coords = check_sampling_arguments(features, "boxes", boxes, 5, scale_y, scale_x,
-                                                     padding);
-  const int64_t count = coords.size(0);
-  check_grad(grad, {count, total_channels(features), output_height, output_width},
-             features[0].scalar_type());
+  check_sampling_ratio(sampling_ratio);
+  check_grad(grad, {args.count, args.channels, output_height, output_width}, features[0]);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "box_hypercolumn_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const BoxGrid<acc_t> source{coords.const_data_ptr<acc_t>(), count, output_height, output_width};
-    grads = sample_backward<scalar_t>(grad, grid_layout(grad), features, source, scale_y, scale_x,
+    const BoxGrid<acc_t> source{args.rows.const_data_ptr<acc_t>(), args.count, output_height, output_width,
+                                BoxSampling{padding, sampling_ratio, aligned}};
+    grads = sample_backward<scalar_t>(grad, grid_layout(grad), features, source, args.scales.y, args.scales.x,
                                       padding);
   });
   return grads;

@@ -2,10 +2,19 @@
 // four elementwise launches and a reduction before their device-to-host copy; this is one memset,
 // one launch and the copy of one flag. Each thread tests its values with the kernels' own
 // predicate (batch_index in hypercolumn_math.h) and raises the flag once if any fails.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include <algorithm>
+
+#include "hypercolumn_math.h"
 #include "index_check.h"
+#include "launch.h"
 
 namespace hypercolumn_ops {
 namespace cuda {

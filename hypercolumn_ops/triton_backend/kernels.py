@@ -9,10 +9,14 @@ channels_last the channel block of a tap is one contiguous run.
 Forward: ``sample_features_kernel`` (sparse and box hypercolumns); ``cell_scores_kernel`` adds one
 layer's scores of the <= 4 classifier cells of every point to a ``(P, 4, M)`` buffer, then
 ``blend_cells_kernel`` adds the bias, applies the activation, blends the cells and writes each
-output once.
+output once. With ``sampling_ratio != 1`` or ``aligned=False`` (``SAMPLED``) a box's output cell
+averages its ``ny x nx`` samples: both forward kernels loop over them, to the largest counts in
+their block of points, and hold no more than the one sample of a block of channels at a time.
 
-Backward: ``tap_entries_kernel`` records the four taps of every point of a layer (address key and
-weight); the gradients are then scattered to the taps either with atomics
+Backward: ``tap_entries_kernel`` records the taps of every point of a layer (address key and
+weight), four per sample, ``S`` samples a point (1 unsampled, ``sampling_ratio ** 2``, or the
+largest ``ny * nx`` of adaptive sampling, from ``sample_counts_kernel``); the gradients are then
+scattered to the taps either with atomics
 (``scatter_taps_atomic_kernel``, ``scatter_cell_grads_atomic_kernel``) or, when deterministic
 algorithms are requested, gathered per destination pixel from the entries sorted by key
 (``scatter_segments_kernel``: one program owns a pixel and a channel block, in a fixed order).
@@ -23,14 +27,16 @@ classifier cell the same way.
 import triton
 import triton.language as tl
 
-from .hypercolumn_math import ACTIVATION_SIGMOID, bilinear_taps, is_finite, location_weights, point_geometry, sigmoid
+from .. import _codes
+from .hypercolumn_math import (ACTIVATION_SIGMOID, bilinear_taps, box_geometry, box_grid_point, box_sample_counts,
+                               box_sample_taps, is_finite, location_weights, point_geometry, sigmoid)
 
 # What a scatter writes to a feature-shaped gradient.
 SAMPLE_GRADS = tl.constexpr(0)  # rows of the gradient of sparse / box hypercolumns
 FEATURE_GRADS = tl.constexpr(1)  # sum over cells and outputs of cell gradient x classifier weight
 SCORE_MAP_GRADS = tl.constexpr(2)  # cell gradients into the channels of projected score maps
 
-ORDER_SAMPLE_FEATURES = tl.constexpr(0)
+ORDER_SAMPLE_FEATURES = tl.constexpr(_codes.ORDER_SAMPLE_FEATURES)
 
 
 @triton.jit
@@ -88,22 +94,40 @@ def point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS: tl.constexpr):
 @triton.jit
 def sample_features_kernel(feature_ptr, stride_b, stride_c, stride_h, stride_w, batch, channels, height, width,
                            coords_ptr, scales_ptr, num_points, cells_per_box, output_height, output_width,
-                           padding, out_ptr, out_stride_row, out_stride_i, out_stride_j, out_stride_c,
-                           ACC: tl.constexpr, IS_BOX: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           sampling_ratio, out_ptr, out_stride_row, out_stride_i, out_stride_j, out_stride_c,
+                           ACC: tl.constexpr, IS_BOX: tl.constexpr, SAMPLED: tl.constexpr, ALIGNED: tl.constexpr,
+                           PADDING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Hypercolumn rows of one layer: ``out[p, c] = bilinear sample of channel c at point p``;
-    NaN rows for invalid points."""
+    NaN rows for invalid points. ``SAMPLED`` (box form): each output cell averages its
+    ``ny x nx`` samples (``sampling_ratio``, ``ALIGNED``), in loops to the block's largest
+    counts."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < num_points
     mask_c = offs_c < channels
-    _, b, valid, x, y, _, _ = point_geometry(coords_ptr, coords_ptr, offs_p, mask_p, cells_per_box, output_height,
-                                             output_width, batch, ACC, IS_BOX, False)
     scale_y = tl.load(scales_ptr).to(ACC)
     scale_x = tl.load(scales_ptr + 1).to(ACC)
-    y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, padding)
-    value = bilinear_sample(feature_ptr, b * stride_b, (offs_c * stride_c)[None, :], y0, y1, x0, x1, w00, w01, w10,
-                            w11, stride_h, stride_w, valid[:, None] & mask_c[None, :], ACC)
+    channel_offsets = (offs_c * stride_c)[None, :]
+    if SAMPLED:
+        _, b, valid, i, j, x1, y1, x2, y2 = box_geometry(coords_ptr, offs_p, mask_p, cells_per_box, output_width,
+                                                         batch, ACC)
+        ny, nx = box_sample_counts(x1, y1, x2, y2, valid, scale_y, scale_x, output_height, output_width,
+                                   sampling_ratio, ALIGNED)
+        value = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for sample_y in range(0, tl.max(ny, 0)):
+            for sample_x in range(0, tl.max(nx, 0)):
+                top, bottom, left, right, w00, w01, w10, w11, taken = box_sample_taps(
+                    x1, y1, x2, y2, i, j, sample_y, sample_x, ny, nx, scale_y, scale_x, height, width, output_height,
+                    output_width, PADDING, ALIGNED)
+                value += bilinear_sample(feature_ptr, b * stride_b, channel_offsets, top, bottom, left, right, w00,
+                                         w01, w10, w11, stride_h, stride_w, (valid & taken)[:, None] & mask_c[None, :],
+                                         ACC)
+    else:
+        _, b, valid, x, y, _, _ = point_geometry(coords_ptr, coords_ptr, offs_p, mask_p, cells_per_box,
+                                                 output_height, output_width, batch, ACC, IS_BOX, False)
+        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, PADDING)
+        value = bilinear_sample(feature_ptr, b * stride_b, channel_offsets, y0, y1, x0, x1, w00, w01, w10, w11,
+                                stride_h, stride_w, valid[:, None] & mask_c[None, :], ACC)
     value = tl.where(valid[:, None], value, float("nan"))
     out = grid_offsets(offs_p, cells_per_box, output_width, out_stride_row, out_stride_i, out_stride_j)
     tl.store(out_ptr + out[:, None] + (offs_c * out_stride_c)[None, :], value.to(out_ptr.dtype.element_ty),
@@ -128,28 +152,41 @@ def accumulate_cell_scores(scores_ptr, offs_p, cell, offs_m, num_outputs, value,
 def cell_scores_kernel(source_ptr, stride_b, stride_c, stride_h, stride_w, channels, height, width,
                        weight_ptr, weight_stride_nc, weight_stride_k, weight_stride_m, weight_stride_c,
                        coords_ptr, locations_ptr, labels_ptr, scales_ptr, num_points, cells_per_box, output_height,
-                       output_width, batch, padding, grid, num_classes, num_outputs, scores_ptr,
-                       ACC: tl.constexpr, ORDER: tl.constexpr, IS_BOX: tl.constexpr, HAS_LOCATIONS: tl.constexpr,
+                       output_width, batch, sampling_ratio, grid, num_classes, num_outputs, scores_ptr,
+                       ACC: tl.constexpr, ORDER: tl.constexpr, IS_BOX: tl.constexpr, SAMPLED: tl.constexpr,
+                       ALIGNED: tl.constexpr, PADDING: tl.constexpr, HAS_LOCATIONS: tl.constexpr,
                        HAS_LABELS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """Adds one layer's scores of the <= 4 cells of every point to ``scores (P, 4, M)``.
 
     ``ORDER`` 0: sample the feature map ``source`` block of channels by block and take dot
     products with the cells' classifier rows. ``ORDER`` 1: ``source`` is the projected score map
-    ``(B, NC * KK * M, H, W)``; sample its channels ``(label * KK + cell) * M + m``.
+    ``(B, NC * KK * M, H, W)``; sample its channels ``(label * KK + cell) * M + m``. ``SAMPLED``
+    (box form): a point's sample is the average of its output cell's ``ny x nx`` samples, in loops
+    to the block's largest counts (inside each channel block: only a block's worth is held).
     """
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_p = offs_p < num_points
     mask_m = offs_m < num_outputs
-    row, b, valid, x, y, u, v = point_geometry(coords_ptr, locations_ptr, offs_p, mask_p, cells_per_box,
-                                               output_height, output_width, batch, ACC, IS_BOX, HAS_LOCATIONS)
-    label, valid = point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS)
-    cell0, cell1, cell2, cell3, _, _, _, _ = location_weights(u, v, grid)
     scale_y = tl.load(scales_ptr).to(ACC)
     scale_x = tl.load(scales_ptr + 1).to(ACC)
-    y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, padding)
+    if SAMPLED:
+        row, b, valid, i, j, box_x1, box_y1, box_x2, box_y2 = box_geometry(coords_ptr, offs_p, mask_p, cells_per_box,
+                                                                           output_width, batch, ACC)
+        _, _, u, v = box_grid_point(box_x1, box_y1, box_x2, box_y2, i, j, output_height, output_width)
+    else:
+        row, b, valid, x, y, u, v = point_geometry(coords_ptr, locations_ptr, offs_p, mask_p, cells_per_box,
+                                                   output_height, output_width, batch, ACC, IS_BOX, HAS_LOCATIONS)
+    label, valid = point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS)
+    cell0, cell1, cell2, cell3, _, _, _, _ = location_weights(u, v, grid)
+    if SAMPLED:
+        ny, nx = box_sample_counts(box_x1, box_y1, box_x2, box_y2, valid, scale_y, scale_x, output_height,
+                                   output_width, sampling_ratio, ALIGNED)
+    else:
+        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, PADDING)
     mask_pm = valid[:, None] & mask_m[None, :]
+    point_offsets = b * stride_b
     if ORDER == ORDER_SAMPLE_FEATURES:
         score0 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
         score1 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
@@ -159,8 +196,20 @@ def cell_scores_kernel(source_ptr, stride_b, stride_c, stride_h, stride_w, chann
         for start in range(0, channels, BLOCK_C):
             offs_c = start + tl.arange(0, BLOCK_C)
             mask_c = offs_c < channels
-            sample = bilinear_sample(source_ptr, b * stride_b, (offs_c * stride_c)[None, :], y0, y1, x0, x1, w00,
-                                     w01, w10, w11, stride_h, stride_w, valid[:, None] & mask_c[None, :], ACC)
+            channel_offsets = (offs_c * stride_c)[None, :]
+            if SAMPLED:
+                sample = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+                for sample_y in range(0, tl.max(ny, 0)):
+                    for sample_x in range(0, tl.max(nx, 0)):
+                        top, bottom, left, right, v00, v01, v10, v11, taken = box_sample_taps(
+                            box_x1, box_y1, box_x2, box_y2, i, j, sample_y, sample_x, ny, nx, scale_y, scale_x,
+                            height, width, output_height, output_width, PADDING, ALIGNED)
+                        sample += bilinear_sample(source_ptr, point_offsets, channel_offsets, top, bottom, left,
+                                                  right, v00, v01, v10, v11, stride_h, stride_w,
+                                                  (valid & taken)[:, None] & mask_c[None, :], ACC)
+            else:
+                sample = bilinear_sample(source_ptr, point_offsets, channel_offsets, y0, y1, x0, x1, w00, w01, w10,
+                                         w11, stride_h, stride_w, valid[:, None] & mask_c[None, :], ACC)
             weight_offsets = (offs_m * weight_stride_m)[None, :, None] + (offs_c * weight_stride_c)[None, None, :]
             mask = mask_pm[:, :, None] & mask_c[None, None, :]
             score0 += cell_weight_dot(weight_ptr, class_offset + cell0 * weight_stride_k, weight_offsets, sample,
@@ -173,19 +222,39 @@ def cell_scores_kernel(source_ptr, stride_b, stride_c, stride_h, stride_w, chann
                                       mask, ACC)
     else:
         first = label * grid * grid
-        point_offsets = b * stride_b
-        score0 = bilinear_sample(source_ptr, point_offsets, ((first + cell0) * num_outputs)[:, None] * stride_c
-                                 + (offs_m * stride_c)[None, :], y0, y1, x0, x1, w00, w01, w10, w11, stride_h,
-                                 stride_w, mask_pm, ACC)
-        score1 = bilinear_sample(source_ptr, point_offsets, ((first + cell1) * num_outputs)[:, None] * stride_c
-                                 + (offs_m * stride_c)[None, :], y0, y1, x0, x1, w00, w01, w10, w11, stride_h,
-                                 stride_w, mask_pm, ACC)
-        score2 = bilinear_sample(source_ptr, point_offsets, ((first + cell2) * num_outputs)[:, None] * stride_c
-                                 + (offs_m * stride_c)[None, :], y0, y1, x0, x1, w00, w01, w10, w11, stride_h,
-                                 stride_w, mask_pm, ACC)
-        score3 = bilinear_sample(source_ptr, point_offsets, ((first + cell3) * num_outputs)[:, None] * stride_c
-                                 + (offs_m * stride_c)[None, :], y0, y1, x0, x1, w00, w01, w10, w11, stride_h,
-                                 stride_w, mask_pm, ACC)
+        output_offsets = (offs_m * stride_c)[None, :]
+        channels0 = ((first + cell0) * num_outputs)[:, None] * stride_c + output_offsets
+        channels1 = ((first + cell1) * num_outputs)[:, None] * stride_c + output_offsets
+        channels2 = ((first + cell2) * num_outputs)[:, None] * stride_c + output_offsets
+        channels3 = ((first + cell3) * num_outputs)[:, None] * stride_c + output_offsets
+        if SAMPLED:
+            score0 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
+            score1 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
+            score2 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
+            score3 = tl.zeros([BLOCK_P, BLOCK_M], ACC)
+            for sample_y in range(0, tl.max(ny, 0)):
+                for sample_x in range(0, tl.max(nx, 0)):
+                    top, bottom, left, right, v00, v01, v10, v11, taken = box_sample_taps(
+                        box_x1, box_y1, box_x2, box_y2, i, j, sample_y, sample_x, ny, nx, scale_y, scale_x, height,
+                        width, output_height, output_width, PADDING, ALIGNED)
+                    mask = mask_pm & taken[:, None]
+                    score0 += bilinear_sample(source_ptr, point_offsets, channels0, top, bottom, left, right, v00,
+                                              v01, v10, v11, stride_h, stride_w, mask, ACC)
+                    score1 += bilinear_sample(source_ptr, point_offsets, channels1, top, bottom, left, right, v00,
+                                              v01, v10, v11, stride_h, stride_w, mask, ACC)
+                    score2 += bilinear_sample(source_ptr, point_offsets, channels2, top, bottom, left, right, v00,
+                                              v01, v10, v11, stride_h, stride_w, mask, ACC)
+                    score3 += bilinear_sample(source_ptr, point_offsets, channels3, top, bottom, left, right, v00,
+                                              v01, v10, v11, stride_h, stride_w, mask, ACC)
+        else:
+            score0 = bilinear_sample(source_ptr, point_offsets, channels0, y0, y1, x0, x1, w00, w01, w10, w11,
+                                     stride_h, stride_w, mask_pm, ACC)
+            score1 = bilinear_sample(source_ptr, point_offsets, channels1, y0, y1, x0, x1, w00, w01, w10, w11,
+                                     stride_h, stride_w, mask_pm, ACC)
+            score2 = bilinear_sample(source_ptr, point_offsets, channels2, y0, y1, x0, x1, w00, w01, w10, w11,
+                                     stride_h, stride_w, mask_pm, ACC)
+            score3 = bilinear_sample(source_ptr, point_offsets, channels3, y0, y1, x0, x1, w00, w01, w10, w11,
+                                     stride_h, stride_w, mask_pm, ACC)
     mask = mask_p[:, None] & mask_m[None, :]
     accumulate_cell_scores(scores_ptr, offs_p, 0, offs_m, num_outputs, score0, mask)
     accumulate_cell_scores(scores_ptr, offs_p, 1, offs_m, num_outputs, score1, mask)
@@ -280,31 +349,75 @@ def blend_cells_kernel(scores_ptr, bias_ptr, bias_stride_row, bias_stride_k, bia
 
 
 @triton.jit
-def tap_entries_kernel(coords_ptr, labels_ptr, scales_ptr, num_points, cells_per_box, output_height, output_width,
-                       batch, height, width, padding, num_classes, keys_ptr, tap_weights_ptr, ACC: tl.constexpr,
-                       IS_BOX: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The four taps of every point on one layer: ``keys[p * 4 + t] = (b * H + y) * W + x`` and
-    their weights; invalid points get the key ``B * H * W`` (past every pixel) and weight 0."""
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < num_points
-    row, b, valid, x, y, _, _ = point_geometry(coords_ptr, coords_ptr, offs_p, mask_p, cells_per_box,
-                                               output_height, output_width, batch, ACC, IS_BOX, False)
-    _, valid = point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS)
-    scale_y = tl.load(scales_ptr).to(ACC)
-    scale_x = tl.load(scales_ptr + 1).to(ACC)
-    y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, padding)
-    sentinel = (tl.zeros_like(b) + batch) * height * width
+def store_taps(keys_ptr, tap_weights_ptr, entries, keep, mask_p, b, height, width, sentinel, y0, y1, x0, x1, w00,
+               w01, w10, w11):
+    """Writes four tap entries from ``entries``: keys ``(b * H + y) * W + x`` and weights, or
+    the ``sentinel`` key and weight 0 where not ``keep``."""
     top = (b * height + y0) * width
     bottom = (b * height + y1) * width
-    entries = offs_p * 4
-    tl.store(keys_ptr + entries, tl.where(valid, top + x0, sentinel), mask=mask_p)
-    tl.store(keys_ptr + entries + 1, tl.where(valid, top + x1, sentinel), mask=mask_p)
-    tl.store(keys_ptr + entries + 2, tl.where(valid, bottom + x0, sentinel), mask=mask_p)
-    tl.store(keys_ptr + entries + 3, tl.where(valid, bottom + x1, sentinel), mask=mask_p)
-    tl.store(tap_weights_ptr + entries, tl.where(valid, w00, 0.0), mask=mask_p)
-    tl.store(tap_weights_ptr + entries + 1, tl.where(valid, w01, 0.0), mask=mask_p)
-    tl.store(tap_weights_ptr + entries + 2, tl.where(valid, w10, 0.0), mask=mask_p)
-    tl.store(tap_weights_ptr + entries + 3, tl.where(valid, w11, 0.0), mask=mask_p)
+    tl.store(keys_ptr + entries, tl.where(keep, top + x0, sentinel), mask=mask_p)
+    tl.store(keys_ptr + entries + 1, tl.where(keep, top + x1, sentinel), mask=mask_p)
+    tl.store(keys_ptr + entries + 2, tl.where(keep, bottom + x0, sentinel), mask=mask_p)
+    tl.store(keys_ptr + entries + 3, tl.where(keep, bottom + x1, sentinel), mask=mask_p)
+    tl.store(tap_weights_ptr + entries, tl.where(keep, w00, 0.0), mask=mask_p)
+    tl.store(tap_weights_ptr + entries + 1, tl.where(keep, w01, 0.0), mask=mask_p)
+    tl.store(tap_weights_ptr + entries + 2, tl.where(keep, w10, 0.0), mask=mask_p)
+    tl.store(tap_weights_ptr + entries + 3, tl.where(keep, w11, 0.0), mask=mask_p)
+
+
+@triton.jit
+def tap_entries_kernel(coords_ptr, labels_ptr, scales_ptr, num_points, cells_per_box, output_height, output_width,
+                       batch, height, width, sampling_ratio, samples, num_classes, keys_ptr, tap_weights_ptr,
+                       ACC: tl.constexpr, IS_BOX: tl.constexpr, SAMPLED: tl.constexpr, ALIGNED: tl.constexpr,
+                       PADDING: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The taps of every point on one layer, four per sample, ``samples`` (``S``) samples a point:
+    ``keys[(p * S + s) * 4 + t] = (b * H + y) * W + x`` and their weights (with ``SAMPLED``,
+    sample ``s`` of an output cell is ``(s // nx, s % nx)``, weighted by its share
+    ``1 / (ny * nx)``); invalid points and samples past a cell's ``ny * nx`` get the key
+    ``B * H * W`` (past every pixel) and weight 0."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < num_points
+    scale_y = tl.load(scales_ptr).to(ACC)
+    scale_x = tl.load(scales_ptr + 1).to(ACC)
+    if SAMPLED:
+        row, b, valid, i, j, box_x1, box_y1, box_x2, box_y2 = box_geometry(coords_ptr, offs_p, mask_p, cells_per_box,
+                                                                           output_width, batch, ACC)
+    else:
+        row, b, valid, x, y, _, _ = point_geometry(coords_ptr, coords_ptr, offs_p, mask_p, cells_per_box,
+                                                   output_height, output_width, batch, ACC, IS_BOX, False)
+    _, valid = point_labels(labels_ptr, row, valid, num_classes, HAS_LABELS)
+    sentinel = (tl.zeros_like(b) + batch) * height * width
+    if SAMPLED:
+        ny, nx = box_sample_counts(box_x1, box_y1, box_x2, box_y2, valid, scale_y, scale_x, output_height,
+                                   output_width, sampling_ratio, ALIGNED)
+        per_row = tl.maximum(nx, 1)
+        for sample in range(0, samples):
+            y0, y1, x0, x1, w00, w01, w10, w11, taken = box_sample_taps(
+                box_x1, box_y1, box_x2, box_y2, i, j, sample // per_row, sample % per_row, ny, nx, scale_y, scale_x,
+                height, width, output_height, output_width, PADDING, ALIGNED)
+            store_taps(keys_ptr, tap_weights_ptr, (offs_p * samples + sample) * 4, valid & taken, mask_p, b, height,
+                       width, sentinel, y0, y1, x0, x1, w00, w01, w10, w11)
+    else:
+        y0, y1, x0, x1, w00, w01, w10, w11 = bilinear_taps(x, y, scale_y, scale_x, height, width, PADDING)
+        store_taps(keys_ptr, tap_weights_ptr, offs_p * 4, valid, mask_p, b, height, width, sentinel, y0, y1, x0, x1,
+                   w00, w01, w10, w11)
+
+
+@triton.jit
+def sample_counts_kernel(coords_ptr, scales_ptr, rows, batch, output_height, output_width, sampling_ratio,
+                         counts_ptr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``counts[layer, row] = ny * nx``, the samples of each output cell of every box on each
+    layer (program axis 1; ``scales`` holds ``(sy, sx)`` per layer), 0 for invalid boxes: what
+    :func:`tap_entries_kernel` computes, so that the entries it is given have room for them."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    layer = tl.program_id(1).to(tl.int64)
+    mask_p = offs_p < rows
+    scale_y = tl.load(scales_ptr + 2 * layer).to(ACC)
+    scale_x = tl.load(scales_ptr + 2 * layer + 1).to(ACC)
+    _, _, valid, _, _, x1, y1, x2, y2 = box_geometry(coords_ptr, offs_p, mask_p, 1, 1, batch, ACC)
+    ny, nx = box_sample_counts(x1, y1, x2, y2, valid, scale_y, scale_x, output_height, output_width, sampling_ratio,
+                               ALIGNED)
+    tl.store(counts_ptr + layer * rows + offs_p, ny * nx, mask=mask_p)
 
 
 @triton.jit
@@ -345,14 +458,16 @@ def point_channel_grads(offs_p, offs_c, mask_p, mask_c, grad_ptr, grad_stride_ro
 
 
 @triton.jit
-def scatter_taps_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_sentinel, target_ptr, target_stride_b,
+def scatter_taps_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, samples, tap_sentinel, target_ptr,
+                               target_stride_b,
                                target_stride_c, target_stride_h, target_stride_w, channels, height, width,
                                grad_ptr, grad_stride_row, grad_stride_i, grad_stride_j, grad_stride_c,
                                cells_per_box, output_width, cell_grads_ptr, cell_keys_ptr, weight_ptr,
                                weight_stride_nc, weight_stride_k, weight_stride_m, weight_stride_c, cells,
                                cell_sentinel, num_outputs, ACC: tl.constexpr, MODE: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Adds ``tap weight x point_channel_grads`` to the four taps of every point (atomics)."""
+    """Adds ``tap weight x point_channel_grads`` to the taps of every point, four per sample
+    (``samples`` a point, see :func:`tap_entries_kernel`), with atomics."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < num_points
@@ -362,21 +477,23 @@ def scatter_taps_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_sentin
                                 cell_keys_ptr, weight_ptr, weight_stride_nc, weight_stride_k, weight_stride_m,
                                 weight_stride_c, cells, cell_sentinel, num_outputs, ACC, MODE)
     channel_offsets = (offs_c * target_stride_c)[None, :]
-    for tap in tl.static_range(4):
-        key = tl.load(keys_ptr + offs_p * 4 + tap, mask=mask_p, other=tap_sentinel)
-        weight = tl.load(tap_weights_ptr + offs_p * 4 + tap, mask=mask_p, other=0.0)
-        hit = mask_p & (key < tap_sentinel)
-        address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
-        tl.atomic_add(target_ptr + address[:, None] + channel_offsets, weight[:, None] * value,
-                      mask=hit[:, None] & mask_c[None, :])
+    for sample in range(0, samples):
+        entries = (offs_p * samples + sample) * 4
+        for tap in tl.static_range(4):
+            key = tl.load(keys_ptr + entries + tap, mask=mask_p, other=tap_sentinel)
+            weight = tl.load(tap_weights_ptr + entries + tap, mask=mask_p, other=0.0)
+            hit = mask_p & (key < tap_sentinel)
+            address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
+            tl.atomic_add(target_ptr + address[:, None] + channel_offsets, weight[:, None] * value,
+                          mask=hit[:, None] & mask_c[None, :])
 
 
 @triton.jit
-def scatter_cell_grads_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_sentinel, target_ptr,
+def scatter_cell_grads_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, samples, tap_sentinel, target_ptr,
                                      target_stride_b, target_stride_c, target_stride_h, target_stride_w, height,
                                      width, cell_grads_ptr, cell_keys_ptr, cell_sentinel, num_outputs,
                                      BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Adds each cell's score gradient to the four taps of its score-map channel
+    """Adds each cell's score gradient to the taps (four per sample) of its score-map channel
     ``(label * KK + cell) * M + m`` (atomics): only the <= 4 M channels a point touches."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -388,17 +505,19 @@ def scatter_cell_grads_atomic_kernel(keys_ptr, tap_weights_ptr, num_points, tap_
         grad = tl.load(cell_grads_ptr + ((offs_p * 4 + cell) * num_outputs)[:, None] + offs_m[None, :],
                        mask=hit_cell[:, None] & mask_m[None, :], other=0.0)
         channel_offsets = (cell_key * num_outputs)[:, None] * target_stride_c + (offs_m * target_stride_c)[None, :]
-        for tap in tl.static_range(4):
-            key = tl.load(keys_ptr + offs_p * 4 + tap, mask=mask_p, other=tap_sentinel)
-            weight = tl.load(tap_weights_ptr + offs_p * 4 + tap, mask=mask_p, other=0.0)
-            hit = hit_cell & (key < tap_sentinel)
-            address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
-            tl.atomic_add(target_ptr + address[:, None] + channel_offsets, weight[:, None] * grad,
-                          mask=hit[:, None] & mask_m[None, :])
+        for sample in range(0, samples):
+            entries = (offs_p * samples + sample) * 4
+            for tap in tl.static_range(4):
+                key = tl.load(keys_ptr + entries + tap, mask=mask_p, other=tap_sentinel)
+                weight = tl.load(tap_weights_ptr + entries + tap, mask=mask_p, other=0.0)
+                hit = hit_cell & (key < tap_sentinel)
+                address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
+                tl.atomic_add(target_ptr + address[:, None] + channel_offsets, weight[:, None] * grad,
+                              mask=hit[:, None] & mask_m[None, :])
 
 
 @triton.jit
-def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr, target_ptr,
+def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, tap_weights_ptr, samples, target_ptr,
                             target_stride_b, target_stride_c, target_stride_h, target_stride_w, channels, height,
                             width, grad_ptr, grad_stride_row, grad_stride_i, grad_stride_j, grad_stride_c,
                             cells_per_box, output_width, cell_grads_ptr, cell_keys_ptr, weight_ptr,
@@ -406,7 +525,8 @@ def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, t
                             num_outputs, ACC: tl.constexpr, MODE: tl.constexpr, BLOCK_E: tl.constexpr,
                             BLOCK_C: tl.constexpr):
     """Deterministic scatter: one program owns one pixel (key ``b * H * W + y * W + x``, its
-    segment of the tap entries sorted by key, maybe empty) and a block of channels, sums
+    segment of the tap entries sorted by key, maybe empty; ``4 * samples`` entries a point) and a
+    block of channels, sums
     ``tap weight x point_channel_grads`` over the segment in sorted order and stores the pixel's
     gradient once."""
     key = tl.program_id(0).to(tl.int64)
@@ -420,10 +540,10 @@ def scatter_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, t
         mask_e = offs_e < count
         entry = tl.load(order_ptr + start + offs_e, mask=mask_e, other=0)
         weight = tl.load(tap_weights_ptr + entry, mask=mask_e, other=0.0)
-        value = point_channel_grads(entry // 4, offs_c, mask_e, mask_c, grad_ptr, grad_stride_row, grad_stride_i,
-                                    grad_stride_j, grad_stride_c, cells_per_box, output_width, cell_grads_ptr,
-                                    cell_keys_ptr, weight_ptr, weight_stride_nc, weight_stride_k, weight_stride_m,
-                                    weight_stride_c, cells, cell_sentinel, num_outputs, ACC, MODE)
+        value = point_channel_grads(entry // (4 * samples), offs_c, mask_e, mask_c, grad_ptr, grad_stride_row,
+                                    grad_stride_i, grad_stride_j, grad_stride_c, cells_per_box, output_width,
+                                    cell_grads_ptr, cell_keys_ptr, weight_ptr, weight_stride_nc, weight_stride_k,
+                                    weight_stride_m, weight_stride_c, cells, cell_sentinel, num_outputs, ACC, MODE)
         total += tl.sum(weight[:, None] * value, axis=0)
     address = tap_address(key, height, width, target_stride_b, target_stride_h, target_stride_w)
     tl.store(target_ptr + address + offs_c * target_stride_c, total, mask=mask_c)
@@ -456,13 +576,15 @@ def bias_grad_partials_kernel(cell_grads_ptr, cell_keys_ptr, rows, slots_per_row
 
 @triton.jit
 def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_ptr, cell_grads_ptr, num_outputs,
-                                tap_keys_ptr, tap_weights_ptr, tap_sentinel, feature_ptr, stride_b, stride_c, stride_h,
+                                tap_keys_ptr, tap_weights_ptr, samples, tap_sentinel, feature_ptr, stride_b, stride_c,
+                                stride_h,
                                 stride_w, channels, height, width, grad_weight_ptr, ACC: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Gradient of one classifier cell's weights of a sample-features layer:
     ``grad_W[label * KK + cell, m, c] = sum_p grad_cell[p, m] * f(p)[c]`` over the (point, cell)
     entries sorted by cell key; one program per (cell key, M block, channel block), in a fixed
-    order, with ``f(p)`` resampled from the layer's tap entries. ``grad_weight`` is
+    order, with ``f(p)`` resampled from the layer's tap entries (``4 * samples`` a point).
+    ``grad_weight`` is
     ``(NC * KK, M, C)``, contiguous."""
     key = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -478,15 +600,16 @@ def weight_grad_segments_kernel(segment_starts_ptr, segment_counts_ptr, order_pt
         entry = tl.load(order_ptr + start + offs_e, mask=mask_e, other=0)
         grad = tl.load(cell_grads_ptr + (entry * num_outputs)[:, None] + offs_m[None, :],
                        mask=mask_e[:, None] & mask_m[None, :], other=0.0)
-        taps = (entry // 4) * 4
+        taps = (entry // 4) * 4 * samples
         sample = tl.zeros([BLOCK_E, BLOCK_C], ACC)
-        for tap in tl.static_range(4):
-            tap_key = tl.load(tap_keys_ptr + taps + tap, mask=mask_e, other=tap_sentinel)
-            weight = tl.load(tap_weights_ptr + taps + tap, mask=mask_e, other=0.0)
-            hit = mask_e & (tap_key < tap_sentinel)
-            address = tap_address(tap_key, height, width, stride_b, stride_h, stride_w)
-            sample += weight[:, None] * tl.load(feature_ptr + address[:, None] + (offs_c * stride_c)[None, :],
-                                                mask=hit[:, None] & mask_c[None, :], other=0.0).to(ACC)
+        for step in range(0, samples):
+            for tap in tl.static_range(4):
+                tap_key = tl.load(tap_keys_ptr + taps + step * 4 + tap, mask=mask_e, other=tap_sentinel)
+                weight = tl.load(tap_weights_ptr + taps + step * 4 + tap, mask=mask_e, other=0.0)
+                hit = mask_e & (tap_key < tap_sentinel)
+                address = tap_address(tap_key, height, width, stride_b, stride_h, stride_w)
+                sample += weight[:, None] * tl.load(feature_ptr + address[:, None] + (offs_c * stride_c)[None, :],
+                                                    mask=hit[:, None] & mask_c[None, :], other=0.0).to(ACC)
         total += tl.sum(grad[:, :, None] * sample[:, None, :], axis=0)
     out = grad_weight_ptr + (key * num_outputs + offs_m)[:, None] * channels + offs_c[None, :]
     tl.store(out, total, mask=mask_m[:, None] & mask_c[None, :])

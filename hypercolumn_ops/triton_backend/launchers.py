@@ -3,8 +3,14 @@ four operators and their backward passes, over the normalised arguments of ``csr
 
 Extra memory: per layer of a fused operator either nothing channel-sized (sample-features order)
 or the projected score map ``(B, NC * KK * M, H_l, W_l)`` (project-scores order); per point the
-``(P, 4, M)`` scores of its <= 4 cells; in backward the tap entries ``(P, 4)`` of one layer at a
-time and the sorted entries of the deterministic path. No buffer scales with ``P x C``.
+``(P, 4, M)`` scores of its <= 4 cells; in backward the tap entries ``(P, S, 4)`` of one layer at a
+time (``S`` samples a point: 1, ``sampling_ratio ** 2``, or adaptive sampling's largest
+``ny * nx`` on that layer) and the sorted entries of the deterministic path. No buffer scales
+with ``P x C``, and the forward passes hold no sub-samples beyond a block.
+
+Host synchronisation: none, except for adaptive sampling (``sampling_ratio <= 0``) in the backward
+pass, which reads the largest sample count of each layer back to size the tap entries
+(:meth:`Points.samples_per_point`).
 """
 
 import contextlib
@@ -19,7 +25,8 @@ from torch import Tensor
 
 from . import kernels
 from ..planning import PROJECT_SCORES
-from ..reference import ACTIVATION_SIGMOID, accumulation_dtype
+from .._codes import ACTIVATION_SIGMOID
+from ..reference import accumulation_dtype
 
 _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32}
 
@@ -81,9 +88,15 @@ class Points:
     point maps to its row and output cell (box form: ``R * oh * ow`` grid points)."""
 
     def __init__(self, coords: Tensor, is_box: bool, output_height: int = 1, output_width: int = 1,
-                 locations: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+                 locations: Optional[Tensor] = None, labels: Optional[Tensor] = None, sampling_ratio: int = 1,
+                 aligned: bool = True):
         self.coords = coords
         self.is_box = is_box
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        # Output cells that average several samples, or whose one sample is not the grid point,
+        # take the kernels' sub-sample loops; the default grid keeps its one-tap path.
+        self.sampled = is_box and (sampling_ratio != 1 or not aligned)
         self.output_height = output_height if is_box else 1
         self.output_width = output_width if is_box else 1
         self.cells_per_box = self.output_height * self.output_width
@@ -97,6 +110,31 @@ class Points:
         if self.is_box:
             return out.stride(0), out.stride(2), out.stride(3), out.stride(1)
         return out.stride(0), 0, 0, out.stride(1)
+
+    def flags(self, padding: int):
+        """The sampling constexprs of the kernels that sample."""
+        return dict(IS_BOX=self.is_box, SAMPLED=self.sampled, ALIGNED=self.aligned, PADDING=padding)
+
+    def samples_per_point(self, features: List[Tensor], scales: Tensor) -> List[int]:
+        """Samples ``S`` of each point per layer, the room its tap entries need: 1 unsampled,
+        ``sampling_ratio ** 2``, or with adaptive sampling the largest ``ny * nx`` of any box on
+        the layer. That one is computed on the device and read back to size the entries: the
+        backend's only host synchronisation, adaptive sampling's backward pass only."""
+        if not self.sampled:
+            return [1] * len(features)
+        if self.sampling_ratio > 0:
+            return [self.sampling_ratio * self.sampling_ratio] * len(features)
+        if self.rows == 0:
+            return [1] * len(features)
+        # Zeros, not empty: a compile-only run (tools/triton_sm90_check.py) launches nothing, and
+        # must not size the entries by whatever the memory held.
+        counts = torch.zeros(len(features), self.rows, dtype=torch.int32, device=self.coords.device)
+        blocks = _Blocks(1)
+        kernels.sample_counts_kernel[(_cdiv(self.rows, blocks.points), len(features))](
+            self.coords, scales, self.rows, features[0].shape[0], self.output_height, self.output_width,
+            self.sampling_ratio, counts, ACC=_TL_DTYPES[scales.dtype], ALIGNED=self.aligned, BLOCK_P=blocks.points,
+            num_warps=blocks.warps)
+        return [max(count, 1) for count in counts.amax(1).tolist()]
 
 
 def device_guard(tensor: Tensor):
@@ -122,30 +160,32 @@ def sample_hypercolumns(features: List[Tensor], points: Points, scale_y, scale_x
         grid = (_cdiv(points.count, blocks.points), _cdiv(channels, blocks.channels))
         kernels.sample_features_kernel[grid](
             feature, *feature.stride(), batch, channels, height, width, points.coords, scales[2 * layer:],
-            points.count, points.cells_per_box, points.output_height, points.output_width, padding, part,
-            *points.output_strides(part), ACC=_TL_DTYPES[acc], IS_BOX=points.is_box, BLOCK_P=blocks.points,
-            BLOCK_C=blocks.channels, num_warps=blocks.warps)
+            points.count, points.cells_per_box, points.output_height, points.output_width, points.sampling_ratio,
+            part, *points.output_strides(part), ACC=_TL_DTYPES[acc], BLOCK_P=blocks.points, BLOCK_C=blocks.channels,
+            num_warps=blocks.warps, **points.flags(padding))
 
 
 class _TapEntries:
-    """The four taps of every point on one layer (``keys``, ``weights``: ``(P * 4,)``) and, for the
-    deterministic path, the entries sorted by key and cut into one segment per pixel."""
+    """The taps of every point on one layer, four per sample and ``samples`` samples a point
+    (``keys``, ``weights``: ``(P * samples * 4,)``) and, for the deterministic path, the entries
+    sorted by key and cut into one segment per pixel."""
 
     def __init__(self, feature: Tensor, points: Points, scales: Tensor, padding: int, num_classes: int,
-                 deterministic: bool):
+                 deterministic: bool, samples: int):
         batch, _, height, width = feature.shape
         acc = scales.dtype
         self.sentinel = batch * height * width
-        self.keys = torch.empty(points.count * 4, dtype=torch.int64, device=feature.device)
-        self.weights = torch.empty(points.count * 4, dtype=acc, device=feature.device)
+        self.samples = samples
+        self.keys = torch.empty(points.count * samples * 4, dtype=torch.int64, device=feature.device)
+        self.weights = torch.empty(points.count * samples * 4, dtype=acc, device=feature.device)
         if points.count:
             blocks = _Blocks(1)
             labels = points.labels
             kernels.tap_entries_kernel[(_cdiv(points.count, blocks.points),)](
                 points.coords, points.coords if labels is None else labels, scales, points.count,
-                points.cells_per_box, points.output_height, points.output_width, batch, height, width, padding,
-                num_classes, self.keys, self.weights, ACC=_TL_DTYPES[acc], IS_BOX=points.is_box,
-                HAS_LABELS=labels is not None, BLOCK_P=blocks.points, num_warps=blocks.warps)
+                points.cells_per_box, points.output_height, points.output_width, batch, height, width,
+                points.sampling_ratio, samples, num_classes, self.keys, self.weights, ACC=_TL_DTYPES[acc],
+                HAS_LABELS=labels is not None, BLOCK_P=blocks.points, num_warps=blocks.warps, **points.flags(padding))
         self.segments = _segments(self.keys, self.sentinel) if deterministic else None
 
 
@@ -176,7 +216,7 @@ class _CellGrads:
 def scatter_to_taps(entries: _TapEntries, points: Points, target: Tensor, channels: int, mode, grad=None,
                     cell_grads: Optional[_CellGrads] = None, weight: Optional[Tensor] = None) -> None:
     """Adds every point's channel gradients (``mode``, see ``kernels.point_channel_grads``) to its
-    four taps in ``target`` ``(B, channels, H, W)`` (zero-filled), by atomics or, with
+    taps in ``target`` ``(B, channels, H, W)`` (zero-filled), by atomics or, with
     ``entries.segments``, deterministically."""
     if points.count == 0 or target.numel() == 0:
         return
@@ -195,13 +235,13 @@ def scatter_to_taps(entries: _TapEntries, points: Points, target: Tensor, channe
     if entries.segments is None:
         grid = (_cdiv(points.count, blocks.points), _cdiv(channels, blocks.channels))
         kernels.scatter_taps_atomic_kernel[grid](
-            entries.keys, entries.weights, points.count, entries.sentinel, *common, ACC=acc, MODE=mode,
+            entries.keys, entries.weights, points.count, entries.samples, entries.sentinel, *common, ACC=acc, MODE=mode,
             BLOCK_P=blocks.points, BLOCK_C=blocks.channels, num_warps=blocks.warps)
     else:
         order, starts, counts = entries.segments
         grid = (starts.shape[0], _cdiv(channels, blocks.channels))
         kernels.scatter_segments_kernel[grid](
-            starts, counts, order, entries.weights, *common, ACC=acc, MODE=mode,
+            starts, counts, order, entries.weights, entries.samples, *common, ACC=acc, MODE=mode,
             BLOCK_E=blocks.entries, BLOCK_C=blocks.channels, num_warps=blocks.warps)
 
 
@@ -232,12 +272,13 @@ def sample_hypercolumns_backward(grad: Tensor, features: List[Tensor], points: P
     acc = accumulation_dtype(features[0].dtype)
     scales = _scales(scale_y, scale_x, acc, grad.device)
     deterministic = _deterministic()
+    samples = points.samples_per_point(features, scales)
     grads = []
     offset = 0
     for layer, feature in enumerate(features):
         channels = feature.shape[1]
         target = _accumulation_buffer(feature, acc)
-        entries = _TapEntries(feature, points, scales[2 * layer:], padding, 1, deterministic)
+        entries = _TapEntries(feature, points, scales[2 * layer:], padding, 1, deterministic, samples[layer])
         scatter_to_taps(entries, points, target, channels, kernels.SAMPLE_GRADS, grad=grad.narrow(1, offset, channels))
         offset += channels
         grads.append(_feature_grad(feature, target))
@@ -275,6 +316,11 @@ class FusedOp:
         return dict(ACC=_TL_DTYPES[self.acc], IS_BOX=p.is_box, HAS_LOCATIONS=p.locations is not None,
                     HAS_LABELS=p.labels is not None)
 
+    def _sampling_flags(self):
+        flags = self._flags()
+        flags.update(self.points.flags(self.padding))
+        return flags
+
     def projected_scores(self, layer: int) -> Tensor:
         """Score map ``(B, NC * KK * M, H, W)`` of a project-scores layer: a 1x1 convolution."""
         feature, weight = self.features[layer], self.weights[layer]
@@ -295,9 +341,9 @@ class FusedOp:
             kernels.cell_scores_kernel[grid](
                 source, *source.stride(), channels, height, width, weight, *weight.stride(), coords, locations,
                 labels, self.scales[2 * layer:], p.count, p.cells_per_box, p.output_height, p.output_width, batch,
-                self.padding, self.grid, self.num_classes, self.outputs, scores, ORDER=int(order),
+                p.sampling_ratio, self.grid, self.num_classes, self.outputs, scores, ORDER=int(order),
                 BLOCK_P=blocks.dot_points, BLOCK_M=blocks.outputs, BLOCK_C=blocks.dot_channels,
-                num_warps=blocks.warps, **self._flags())
+                num_warps=blocks.warps, **self._sampling_flags())
         return scores
 
     def _blend(self, scores: Tensor, out: Tensor, cell_keys: Tensor, gradients: bool) -> None:
@@ -332,10 +378,11 @@ class FusedOp:
         cell_grads = _CellGrads(scores, cell_keys, self.num_classes, self.cells, self.outputs)
         grad_bias = self._bias_grad(cell_grads)
         deterministic = _deterministic()
+        samples = p.samples_per_point(self.features, self.scales)
         grad_features, grad_weights = [], []
         for layer, (feature, weight, order) in enumerate(zip(self.features, self.weights, self.orders)):
             entries = _TapEntries(feature, p, self.scales[2 * layer:], self.padding, self.num_classes,
-                                  deterministic)
+                                  deterministic, samples[layer])
             if order == PROJECT_SCORES:
                 grad_feature, grad_weight = self._project_scores_grads(feature, weight, entries, cell_grads)
             else:
@@ -374,9 +421,9 @@ class FusedOp:
             blocks = self.blocks
             grid = (_cdiv(p.count, blocks.points), _cdiv(self.outputs, blocks.outputs))
             kernels.scatter_cell_grads_atomic_kernel[grid](
-                entries.keys, entries.weights, p.count, entries.sentinel, target, *target.stride(), height, width,
-                cell_grads.grads, cell_grads.keys, cell_grads.sentinel, self.outputs, BLOCK_P=blocks.points,
-                BLOCK_M=blocks.outputs, num_warps=blocks.warps)
+                entries.keys, entries.weights, p.count, entries.samples, entries.sentinel, target, *target.stride(),
+                height, width, cell_grads.grads, cell_grads.keys, cell_grads.sentinel, self.outputs,
+                BLOCK_P=blocks.points, BLOCK_M=blocks.outputs, num_warps=blocks.warps)
         else:
             scatter_to_taps(entries, p, target, channels, kernels.SCORE_MAP_GRADS, cell_grads=cell_grads)
         score_grad = target.to(feature.dtype)
@@ -400,8 +447,8 @@ class FusedOp:
             blocks = _Blocks(channels, self.outputs)
             grid = (starts.shape[0], _cdiv(channels, blocks.dot_channels), _cdiv(self.outputs, blocks.outputs))
             kernels.weight_grad_segments_kernel[grid](
-                starts, counts, order, cell_grads.grads, self.outputs,
-                entries.keys, entries.weights, entries.sentinel, feature, *feature.stride(), channels, height, width,
-                grad_weight, ACC=_TL_DTYPES[self.acc], BLOCK_E=blocks.entries, BLOCK_M=blocks.outputs,
-                BLOCK_C=blocks.dot_channels, num_warps=blocks.warps)
+                starts, counts, order, cell_grads.grads, self.outputs, entries.keys, entries.weights,
+                entries.samples, entries.sentinel, feature, *feature.stride(), channels, height, width, grad_weight,
+                ACC=_TL_DTYPES[self.acc], BLOCK_E=blocks.entries, BLOCK_M=blocks.outputs, BLOCK_C=blocks.dot_channels,
+                num_warps=blocks.warps)
         return target, grad_weight

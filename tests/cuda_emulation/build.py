@@ -5,8 +5,9 @@ The sources are copied with a few mechanical rewrites (nothing else in them chan
 - ``kernel<<<grid, block, shared, stream>>>(args)`` -> ``hc_emulation::launch(grid, block, shared, kernel,
   args)``;
 - the ATen/c10 CUDA headers and cub's -> ``cuda_emulation.h`` (streams, guards, atomics, launch
-  checks, cub's radix sort);
-- ``.is_cuda()`` -> ``.is_cpu()`` (the emulated kernels take CPU tensors);
+  checks, cub's radix sort), in place of a file's first such include;
+- ``c10::DeviceType::CUDA`` -> ``c10::DeviceType::CPU`` (the device type the CUDA entries check
+  their features for, ``csrc/cuda/launch.h``: the emulated kernels take CPU tensors);
 - the operators are registered as ``torch.ops.hypercolumn_ops_cuda_emulated`` for CPU tensors
   (``csrc/ops.cpp``'s schema and ``csrc/autograd.cpp``'s formulas under that name), beside the real
   ``hypercolumn_ops``.
@@ -33,10 +34,10 @@ def _launch(match: re.Match) -> str:
 
 def rewrite(text: str) -> str:
     text = _LAUNCH.sub(_launch, text)
-    if _CUDA_INCLUDE.search(text):
-        text = _CUDA_INCLUDE.sub("", text)
-        text = text.replace("#pragma once\n", '#pragma once\n\n#include "cuda_emulation.h"\n', 1)
-    text = text.replace(".is_cuda()", ".is_cpu()")
+    first = _CUDA_INCLUDE.search(text)
+    if first:
+        text = text[:first.start()] + '#include "cuda_emulation.h"\n' + _CUDA_INCLUDE.sub("", text[first.start():])
+    text = text.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU")
     text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
     text = text.replace("TORCH_LIBRARY_IMPL(hypercolumn_ops, Autograd, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, Autograd, m)")
     text = text.replace('"hypercolumn_ops::', f'"{NAMESPACE}::')
@@ -71,8 +72,9 @@ def _build(verbose: bool):
     out = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
     sources = []
-    for relative in ("ops.cpp", "autograd.cpp", "cuda/common.cuh", "cuda/index_check.cu", "cuda/sampling_kernels.cu",
-                     "cuda/fused_kernels.cu"):
+    cuda = sorted(os.path.join("cuda", name) for name in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
+                  if name.endswith((".cu", ".cuh", ".h", ".cpp")))
+    for relative in ["ops.cpp", "autograd.cpp"] + cuda:
         with open(os.path.join(ROOT, "csrc", relative)) as file:
             text = rewrite(file.read())
         target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)
