@@ -29,8 +29,8 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from . import ops
-from .reference import (ACTIVATION_SIGMOID, PADDING_BORDER, PADDING_ZEROS, accumulation_dtype, box_grid_points,
-                        classify, location_weights)
+from ._codes import ACTIVATION_SIGMOID, PADDING_BORDER, PADDING_ZEROS
+from .reference import accumulation_dtype, box_grid_points, classify, layer_scales, location_weights
 
 Scale = Optional[Union[float, Sequence[float]]]
 
@@ -56,10 +56,12 @@ def _scaled_boxes(boxes: Tensor, scale_y: float, scale_x: float, dtype: torch.dt
 
 
 def _roi_align_grid(feature: Tensor, boxes: Tensor, output_height: int, output_width: int, scale_y: float,
-                    scale_x: float) -> Tensor:
-    """One bilinear sample per grid point of every box: ``(R, C, oh, ow)``, padding ``"zeros"``."""
+                    scale_x: float, sampling_ratio: int = 1, aligned: bool = True) -> Tensor:
+    """``roi_align`` of every box on one layer: ``(R, C, oh, ow)``, padding ``"zeros"``; by default
+    one bilinear sample per grid point. The boxes are scaled to the layer's feature pixels first,
+    which is ``roi_align``'s own ``spatial_scale`` where the two axes share it."""
     return roi_align(feature, _scaled_boxes(boxes, scale_y, scale_x, feature.dtype), (output_height, output_width),
-                     spatial_scale=1.0, sampling_ratio=1, aligned=True)
+                     spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned)
 
 
 def _grid_cell_weights(output_height: int, output_width: int, cells: int, dtype: torch.dtype,
@@ -134,8 +136,9 @@ def naive_sparse_hypercolumn(features: Sequence[Tensor], points: Tensor, *,
     interpolates the interpolated image, an approximation. Costs ``B * sum C_l * H * W``
     elements twice (per-layer images, then their concatenation) in forward, as much in backward.
     """
-    features, points, scale_y, scale_x, padding_code = ops.normalise_sparse_hypercolumn(
+    features, points, size, scales, padding_code = ops.normalise_sparse_hypercolumn(
         features, points, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("naive_sparse_hypercolumn", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     features = _compute_in(accumulation_dtype(dtype), features)
@@ -155,8 +158,9 @@ def naive_box_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Seque
     approximation. Costs ``2 * B * sum C_l * H * W`` elements (per-layer images, then their
     concatenation) plus the output, and as much again in backward.
     """
-    features, boxes, output_height, output_width, scale_y, scale_x, padding_code = ops.normalise_box_hypercolumn(
+    features, boxes, output_height, output_width, size, scales, padding_code, _, _ = ops.normalise_box_hypercolumn(
         features, boxes, output_size, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("naive_box_hypercolumn", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     features = _compute_in(accumulation_dtype(dtype), features)
@@ -180,10 +184,11 @@ def naive_fused_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Seq
     R * sum C_l * oh * ow`` elements in forward, about as much again for backward. Work: one
     interpolation per element of the image-size hypercolumn, however few the boxes.
     """
-    (features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding_code,
-     activation_code, _) = ops.normalise_fused_hypercolumn(
+    (features, boxes, weights, bias, labels, output_height, output_width, size, scales, padding_code,
+     activation_code, _, _, _) = ops.normalise_fused_hypercolumn(
         features, boxes, weights, bias, output_size=output_size, image_size=image_size,
         spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("naive_fused_hypercolumn", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)
@@ -205,10 +210,11 @@ def naive_fused_hypercolumn_points(features: Sequence[Tensor], points: Tensor, w
     classifier. Padding ``"border"``; equal to the operator at pixel centres. Memory:
     ``2 * B * sum C_l * H * W + N * sum C_l`` elements in forward, about as much again for backward.
     """
-    (features, points, locations, weights, bias, labels, scale_y, scale_x, padding_code, activation_code,
+    (features, points, locations, weights, bias, labels, size, scales, padding_code, activation_code,
      _) = ops.normalise_fused_hypercolumn_points(
         features, points, weights, bias, locations=locations, image_size=image_size,
         spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("naive_fused_hypercolumn_points", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)
@@ -220,23 +226,29 @@ def naive_fused_hypercolumn_points(features: Sequence[Tensor], points: Tensor, w
 
 def roi_align_boxes(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Tensor]],
                     output_size: Union[int, Tuple[int, int]], *, image_size: Optional[Sequence[int]] = None,
-                    spatial_scale: Scale = None, padding: str = "zeros") -> Tensor:
+                    spatial_scale: Scale = None, padding: str = "zeros", sampling_ratio: int = 1,
+                    aligned: bool = True) -> Tensor:
     """:func:`hypercolumn_ops.box_hypercolumn` with per-layer ``roi_align`` -> ``(R, sum C_l, oh, ow)``.
 
     Each layer ``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)`` ``(R, C_l, oh, ow)``
-    (exactly the contract's grid, padding ``"zeros"``), then concatenated: the output twice.
+    (exactly the box grid of ``docs/semantics.md``, padding ``"zeros"``; ``sampling_ratio`` and
+    ``aligned`` passed on), then concatenated: the output twice.
     """
-    features, boxes, output_height, output_width, scale_y, scale_x, padding_code = ops.normalise_box_hypercolumn(
-        features, boxes, output_size, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
+    (features, boxes, output_height, output_width, size, scales, padding_code, sampling_ratio,
+     aligned) = ops.normalise_box_hypercolumn(features, boxes, output_size, image_size=image_size,
+                                              spatial_scale=spatial_scale, padding=padding,
+                                              sampling_ratio=sampling_ratio, aligned=aligned)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("roi_align_boxes", padding_code, PADDING_ZEROS)
     dtype = features[0].dtype
     features = _compute_in(accumulation_dtype(dtype), features)
-    return _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x).to(dtype)
+    return _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x, sampling_ratio,
+                              aligned).to(dtype)
 
 
 def _roi_align_columns(features: List[Tensor], boxes: Tensor, output_height: int, output_width: int,
-                       scale_y: List[float], scale_x: List[float]) -> Tensor:
-    return torch.cat([_roi_align_grid(f, boxes, output_height, output_width, sy, sx)
+                       scale_y: List[float], scale_x: List[float], sampling_ratio: int, aligned: bool) -> Tensor:
+    return torch.cat([_roi_align_grid(f, boxes, output_height, output_width, sy, sx, sampling_ratio, aligned)
                       for f, sy, sx in zip(features, scale_y, scale_x)], dim=1)
 
 
@@ -244,24 +256,27 @@ def roi_align_concat(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[T
                      bias: Optional[Tensor] = None, *, output_size: Union[int, Tuple[int, int]] = (50, 50),
                      image_size: Optional[Sequence[int]] = None, spatial_scale: Scale = None,
                      labels: Optional[Tensor] = None, activation: Optional[str] = None,
-                     padding: str = "zeros") -> Tensor:
+                     padding: str = "zeros", sampling_ratio: int = 1, aligned: bool = True) -> Tensor:
     """:func:`hypercolumn_ops.fused_hypercolumn` with per-layer ``roi_align`` -> ``(R, M, oh, ow)``.
 
     Each layer ``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)`` ``(R, C_l, oh, ow)``
-    (exactly the contract's grid, padding ``"zeros"``), concatenated ``(R, sum C_l, oh, ow)``,
-    classified with the location weights as a batched matrix product. Exact. Memory: the box
-    hypercolumns twice (per layer, then concatenated), ``2 * R * sum C_l * oh * ow`` elements,
-    kept for backward, whose gradient is as large again.
+    (exactly the box grid of ``docs/semantics.md``, padding ``"zeros"``), concatenated
+    ``(R, sum C_l, oh, ow)``, classified with the location weights as a batched matrix product.
+    Exact. Memory: the box hypercolumns twice (per layer, then concatenated),
+    ``2 * R * sum C_l * oh * ow`` elements, kept for backward, whose gradient is as large again.
     """
-    (features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding_code,
-     activation_code, _) = ops.normalise_fused_hypercolumn(
+    (features, boxes, weights, bias, labels, output_height, output_width, size, scales, padding_code,
+     activation_code, _, sampling_ratio, aligned) = ops.normalise_fused_hypercolumn(
         features, boxes, weights, bias, output_size=output_size, image_size=image_size,
-        spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding)
+        spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding,
+        sampling_ratio=sampling_ratio, aligned=aligned)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("roi_align_concat", padding_code, PADDING_ZEROS)
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)
     features, weights, (bias,) = _compute_in(acc, features), _compute_in(acc, weights), _compute_in(acc, [bias])
-    columns = _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x)
+    columns = _roi_align_columns(features, boxes, output_height, output_width, scale_y, scale_x, sampling_ratio,
+                                 aligned)
     out = _classify_box_columns(columns, weights, bias, labels, activation_code, output_height, output_width)
     return out.to(dtype)
 
@@ -271,7 +286,7 @@ def classify_then_sample(features: Sequence[Tensor], boxes: Union[Tensor, Sequen
                          output_size: Union[int, Tuple[int, int]] = (50, 50),
                          image_size: Optional[Sequence[int]] = None, spatial_scale: Scale = None,
                          labels: Optional[Tensor] = None, activation: Optional[str] = None,
-                         padding: str = "zeros") -> Tensor:
+                         padding: str = "zeros", sampling_ratio: int = 1, aligned: bool = True) -> Tensor:
     """:func:`hypercolumn_ops.fused_hypercolumn` by projecting every layer first -> ``(R, M, oh, ow)``.
 
     Each layer: a 1x1 convolution (``F.conv2d``) to ``NC * KK * M`` score maps
@@ -280,10 +295,12 @@ def classify_then_sample(features: Sequence[Tensor], boxes: Union[Tensor, Sequen
     location weights. Exact (sampling and the classifier are both linear), padding ``"zeros"``.
     Memory: the score maps and ``L * R * NC * KK * M * oh * ow`` sampled scores.
     """
-    (features, boxes, weights, bias, labels, output_height, output_width, scale_y, scale_x, padding_code,
-     activation_code, _) = ops.normalise_fused_hypercolumn(
+    (features, boxes, weights, bias, labels, output_height, output_width, size, scales, padding_code,
+     activation_code, _, sampling_ratio, aligned) = ops.normalise_fused_hypercolumn(
         features, boxes, weights, bias, output_size=output_size, image_size=image_size,
-        spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding)
+        spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding,
+        sampling_ratio=sampling_ratio, aligned=aligned)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("classify_then_sample", padding_code, PADDING_ZEROS)
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)
@@ -292,7 +309,8 @@ def classify_then_sample(features: Sequence[Tensor], boxes: Union[Tensor, Sequen
     scores = 0
     for feature, weight, sy, sx in zip(features, weights, scale_y, scale_x):
         score_maps = F.conv2d(feature, weight.reshape(classes * cells * outputs, -1, 1, 1))
-        scores = scores + _roi_align_grid(score_maps, boxes, output_height, output_width, sy, sx)
+        scores = scores + _roi_align_grid(score_maps, boxes, output_height, output_width, sy, sx, sampling_ratio,
+                                          aligned)
     count = boxes.shape[0]
     scores = scores.reshape(count, classes, cells, outputs, -1)
     scores = scores[:, 0] if labels is None else scores[torch.arange(count, device=scores.device), labels]
@@ -339,12 +357,13 @@ def grid_sample_points(features: Sequence[Tensor], points: Tensor, *, image_size
 
     Per layer ``F.grid_sample(align_corners=False, padding_mode="border")`` at the points,
     concatenated. Exact, padding ``"border"`` (PointRend's default ``padding_mode="zeros"`` instead
-    fades each out-of-map tap to zero, which is neither of the contract's paddings). Memory: the
-    per-layer samples and their concatenation, ``2 * N * sum C_l`` elements (twice more with
-    several images, to regroup the points).
+    fades each out-of-map tap to zero, which is neither of the paddings of ``docs/semantics.md``).
+    Memory: the per-layer samples and their concatenation, ``2 * N * sum C_l`` elements (twice
+    more with several images, to regroup the points).
     """
-    features, points, scale_y, scale_x, padding_code = ops.normalise_sparse_hypercolumn(
+    features, points, size, scales, padding_code = ops.normalise_sparse_hypercolumn(
         features, points, image_size=image_size, spatial_scale=spatial_scale, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("grid_sample_points", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     features = _compute_in(accumulation_dtype(dtype), features)
@@ -374,10 +393,11 @@ def grid_sample_fused_points(features: Sequence[Tensor], points: Tensor, weights
     location-weighted classifier. Exact, padding ``"border"``. Memory: the ``(N, sum C_l)``
     hypercolumns twice (per layer, then concatenated), kept for backward.
     """
-    (features, points, locations, weights, bias, labels, scale_y, scale_x, padding_code, activation_code,
+    (features, points, locations, weights, bias, labels, size, scales, padding_code, activation_code,
      _) = ops.normalise_fused_hypercolumn_points(
         features, points, weights, bias, locations=locations, image_size=image_size,
         spatial_scale=spatial_scale, labels=labels, activation=activation, padding=padding)
+    scale_y, scale_x = layer_scales(features, size, scales)
     _require_padding("grid_sample_fused_points", padding_code, PADDING_BORDER)
     dtype = features[0].dtype
     acc = accumulation_dtype(dtype)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from .hed import HED, hed  # noqa: F401  (HED, its head fused: hypercolumn_ops.hed)
 from .nn import HypercolumnHead
 
 # torchvision's vgg16().features: conv1_1 is features.0; pool2 is features.9; conv4_3 is
@@ -33,7 +34,19 @@ RESNET50_STRIDES = [4, 8, 16, 32]
 
 def small_backbone(widths: Sequence[int] = (16, 32, 64), in_channels: int = 3) -> nn.Sequential:
     """A few 3x3 conv + BatchNorm + ReLU stages at strides 2, 4, 8, ... (one stage per width,
-    each halving the resolution, then a second conv), named ``stage1``, ``stage2``, ..."""
+    each halving the resolution, then a second conv). The stages are the ``nn.Sequential``'s
+    children ``"0"``, ``"1"``, ...; :meth:`HypercolumnFeatures.small` names them ``stage1``,
+    ``stage2``, ...
+
+    Args:
+        widths: output channels of each stage.
+        in_channels: channels of the input images.
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(B, in_channels, H, W)`` to
+        ``(B, widths[-1], ceil(H / 2^S), ceil(W / 2^S))`` for ``S = len(widths)`` stages; stage
+        ``s`` (from 1) gives ``(B, widths[s - 1], ceil(H / 2^s), ceil(W / 2^s))``.
+    """
     stages = []
     previous = in_channels
     for width in widths:
@@ -54,8 +67,19 @@ class HypercolumnFeatures(nn.Module):
             or a dict ``{node name: readable name}``. The output keeps this order.
         channels: channel count of each layer; measured with one small forward pass when None.
         strides: nominal stride (input pixels per feature pixel) of each layer, for information.
+        probe_size: side of the zero image ``(1, 3, probe_size, probe_size)`` that measures the
+            channels when ``channels`` is None.
+
+    Attributes:
+        channels: ``C_l`` of each layer, in order (what :class:`hypercolumn_ops.nn.HypercolumnHead`
+            takes as ``in_channels``).
+        layer_names: the readable name of each layer.
+        strides: the strides given, or None.
 
     ``forward(images (B, 3, H, W)) -> [ (B, C_l, H_l, W_l) for each layer ]``.
+
+    Raises:
+        ValueError: ``layers`` empty or a string; ``channels`` not one count per layer.
     """
 
     def __init__(self, backbone: nn.Module, layers, channels: Optional[Sequence[int]] = None,
@@ -89,6 +113,8 @@ class HypercolumnFeatures(nn.Module):
         return [m.shape[1] for m in maps]
 
     def forward(self, images: Tensor) -> List[Tensor]:
+        """Images ``(B, 3, H, W)`` -> the chosen layers' maps ``[(B, C_l, H_l, W_l), ...]``, in
+        the order of ``layers``; ``H_l`` is about ``H / stride_l``."""
         out = self.body(images)
         return [out[f"out{i}"] for i in range(len(self.nodes))]
 
@@ -144,7 +170,10 @@ class MaskRCNNHypercolumnHead(nn.Module):
 
     ``forward(features {name: (B, C, H_l, W_l)}, boxes [(R_b, 4) per image, (x1, y1, x2, y2) in
     pixels of the batch's images], image_shapes [(h, w) per image]) -> (R, num_classes, oh, ow)``
-    logits, boxes in image order. Each level's scale is a power of two, inferred from the
+    logits, boxes in image order.
+
+    Raises:
+        ValueError: ``in_channels`` not one count per level. Each level's scale is a power of two, inferred from the
     largest image as ``torchvision.ops.MultiScaleRoIAlign`` does. The grid samples at pixel
     centres (``roi_align(aligned=True)``), where torchvision projects its mask targets with
     ``aligned=False``: half an image pixel apart, a small part of a mask cell unless the box is
@@ -167,6 +196,20 @@ class MaskRCNNHypercolumnHead(nn.Module):
 
     def forward(self, features: Dict[str, Tensor], boxes: List[Tensor],
                 image_shapes: List[Tuple[int, int]]) -> Tensor:
+        """Mask logits of every box.
+
+        Args:
+            features: the backbone's output, ``{name: (B, C, H_l, W_l)}``; the levels of
+                ``featmap_names`` are read.
+            boxes: one ``(R_b, 4)`` tensor per image, rows ``(x1, y1, x2, y2)`` in pixels of the
+                (padded) batch's images.
+            image_shapes: ``(h, w)`` of each image before padding; the largest sets the levels'
+                scales (:func:`pyramid_scales`).
+
+        Returns:
+            ``(R, num_classes, oh, ow)`` logits, ``R = sum R_b``, boxes in image order; with
+            ``class_agnostic`` an expanded view of ``(R, 1, oh, ow)``.
+        """
         maps = [features[name] for name in self.featmap_names]
         logits = self.classifier(maps, boxes, spatial_scale=pyramid_scales(maps, image_shapes))
         return logits.expand(-1, self.num_classes, -1, -1)
@@ -174,7 +217,18 @@ class MaskRCNNHypercolumnHead(nn.Module):
 
 def pyramid_scales(maps: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]]) -> List[float]:
     """The scale of each map of a padded batch: the power of two nearest ``H_l / max h`` (and
-    ``W_l / max w``; they must agree), as ``torchvision.ops.MultiScaleRoIAlign`` infers it."""
+    ``W_l / max w``; they must agree), as ``torchvision.ops.MultiScaleRoIAlign`` infers it.
+
+    Args:
+        maps: L maps ``(B, C_l, H_l, W_l)``.
+        image_shapes: ``(h, w)`` of each image of the batch.
+
+    Returns:
+        L floats, feature pixels per image pixel (``spatial_scale`` for the operators).
+
+    Raises:
+        ValueError: no image shapes, or a map whose height and width give different scales.
+    """
     if not image_shapes:
         raise ValueError("image_shapes: expected the (h, w) of each image, got none")
     height = max(shape[0] for shape in image_shapes)
@@ -198,7 +252,21 @@ def use_hypercolumn_masks(model: nn.Module, grid_size: int = 5, output_size: Uni
     head reads ``featmap_names`` with the backbone's ``out_channels`` and predicts as many
     classes as the replaced predictor (one mask for all with ``class_agnostic``). Train it as
     before: ``model(images, targets)`` gives ``loss_mask`` from its logits, and in eval mode
-    ``masks``."""
+    ``masks`` ``(D, 1, H, W)`` per image.
+
+    Args:
+        model: a torchvision ``MaskRCNN``, changed in place.
+        grid_size: ``K`` of the head's ``K x K`` classifiers.
+        output_size: the mask grid per box (``(oh, ow)`` or one int; torchvision's is 28).
+        featmap_names: the FPN levels the head reads.
+        class_agnostic: one mask per box instead of one per class.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``model`` is not a ``MaskRCNN`` with its mask predictor.
+    """
     heads = getattr(model, "roi_heads", None)
     predictor = getattr(heads, "mask_predictor", None)
     if predictor is None or not hasattr(predictor, "mask_fcn_logits"):

@@ -47,6 +47,9 @@ def box_grid_targets(maps: Tensor, boxes: Tensor, output_size: Tuple[int, int], 
 
     Returns:
         ``(R, oh, ow)``.
+
+    Raises:
+        ValueError: an unknown ``mode``.
     """
     oh, ow = output_size
     rows = _indexed_boxes(boxes.to(torch.float32))
@@ -125,6 +128,10 @@ class MaskAveragePrecision:
     Args:
         num_classes: categories ``0 .. num_classes - 1``.
         iou_thresholds: the mask-IoU thresholds (AP^r at 0.5 and 0.7 in the papers).
+
+    Raises:
+        ValueError: ``num_classes < 1``; in :meth:`update`, shapes that do not match or a
+            category outside ``[0, num_classes)``.
     """
 
     def __init__(self, num_classes: int, iou_thresholds: Sequence[float] = (0.5, 0.7)):
@@ -219,8 +226,10 @@ class FigureGroundTask(nn.Module):
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor, image_size: Sequence[int],
                 labels: Tensor) -> Tensor:
-        """Foreground probability ``(R, oh, ow)`` on each box's grid; ``boxes`` ``(R, 5)``,
-        ``labels`` ``(R,)`` int64 categories."""
+        """Foreground probability ``(R, oh, ow)`` on each box's grid, from the maps ``features``
+        ``[(B, C_l, H_l, W_l), ...]`` of images of ``image_size = (H, W)``; ``boxes`` ``(R, 5)``
+        rows ``(batch_index, x1, y1, x2, y2)`` in image pixels, ``labels`` ``(R,)`` int64
+        categories."""
         return self.head(features, boxes, image_size, labels)[:, 0]
 
     def targets(self, masks: Tensor, boxes: Tensor) -> Tensor:
@@ -272,7 +281,9 @@ class KeypointTask(nn.Module):
         self.head = head(in_channels, num_keypoints, grid_size, output_size)
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor, image_size: Sequence[int]) -> Tensor:
-        """Heat-map logits ``(R, J, oh, ow)``."""
+        """Heat-map logits ``(R, J, oh, ow)`` from the maps ``[(B, C_l, H_l, W_l), ...]`` of
+        images of ``image_size = (H, W)``; ``boxes`` ``(R, 5)`` rows
+        ``(batch_index, x1, y1, x2, y2)`` in image pixels."""
         return self.head(features, boxes, image_size)
 
     def targets(self, keypoints: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
@@ -291,7 +302,8 @@ class KeypointTask(nn.Module):
 
     @staticmethod
     def loss(logits: Tensor, heat_maps: Tensor, visible: Tensor) -> Tensor:
-        """Mean per-pixel log loss over the heat maps of visible keypoints."""
+        """Mean per-pixel log loss over the heat maps of visible keypoints: logits and heat maps
+        ``(R, J, oh, ow)``, visibility ``(R, J)``; a 0-d float32 tensor."""
         per_map = F.binary_cross_entropy_with_logits(logits.float(), heat_maps.float(), reduction="none").mean((2, 3))
         weight = visible.float()
         return (per_map * weight).sum() / weight.sum().clamp(min=1)
@@ -339,7 +351,9 @@ class PartTask(nn.Module):
         self.head = head(in_channels, num_parts + 1, grid_size, output_size)
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor, image_size: Sequence[int]) -> Tensor:
-        """Scores ``(R, P + 1, oh, ow)`` (logits of the softmax)."""
+        """Scores ``(R, P + 1, oh, ow)`` (logits of the softmax) from the maps
+        ``[(B, C_l, H_l, W_l), ...]`` of images of ``image_size = (H, W)``; ``boxes`` ``(R, 5)``
+        rows ``(batch_index, x1, y1, x2, y2)`` in image pixels."""
         return self.head(features, boxes, image_size)
 
     def targets(self, part_maps: Tensor, boxes: Tensor) -> Tensor:
@@ -349,7 +363,8 @@ class PartTask(nn.Module):
 
     @staticmethod
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean per-pixel cross-entropy."""
+        """Mean per-pixel cross-entropy of scores ``(R, P + 1, oh, ow)`` against labels
+        ``(R, oh, ow)``; a 0-d float32 tensor."""
         return F.cross_entropy(logits.float(), targets.long())
 
     @staticmethod

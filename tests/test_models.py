@@ -20,6 +20,7 @@ PRESETS = [
 
 
 @pytest.mark.parametrize("preset, channels, strides", PRESETS)
+@pytest.mark.slow
 def test_preset_layers(preset, channels, strides):
     torch.manual_seed(0)
     model = getattr(HypercolumnFeatures, preset)().eval()
@@ -35,6 +36,7 @@ def test_preset_layers(preset, channels, strides):
     assert f"channels={channels}" in repr(model)
 
 
+@pytest.mark.slow
 def test_vgg16_layers_are_the_named_activations():
     """pool2 is features[:10] of torchvision's VGG16, conv4_3 (after ReLU) features[:23],
     conv5_3 (after ReLU) features[:30]."""
@@ -111,6 +113,7 @@ def test_mask_rcnn_hypercolumn_head_class_agnostic_shows_one_mask_as_every_class
 
 
 @pytest.mark.parametrize("class_agnostic", [False, True], ids=["per-class", "class-agnostic"])
+@pytest.mark.slow
 def test_mask_rcnn_with_hypercolumn_masks_trains_and_predicts(class_agnostic):
     """torchvision's maskrcnn_resnet50_fpn with its mask branch replaced: training gives a
     finite loss_mask and gradients on every level's classifiers; eval gives one mask per
@@ -154,6 +157,7 @@ def test_mask_rcnn_hypercolumn_errors():
         pyramid_scales([torch.zeros(1, 1, 32, 10)], [(128, 160)])
 
 
+@pytest.mark.slow
 def test_mask_rcnn_benchmark_runs_and_reports(tmp_path, monkeypatch):
     """benchmarks/mask_rcnn.py (run on the GPU by gpu_check.sh) on tiny inputs: every branch and
     mode gets a time and a memory figure, and the report is written."""
@@ -172,6 +176,7 @@ def test_mask_rcnn_benchmark_runs_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "mask_rcnn.md").read_text().count("| forward") == 6
 
 
+@pytest.mark.slow
 def test_mask_rcnn_creatures_example_trains_and_evaluates(tmp_path, monkeypatch):
     """examples/mask_rcnn_creatures.py, two steps of the class-agnostic head: the metrics it
     reports are fractions and the table is written."""

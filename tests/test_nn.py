@@ -42,6 +42,7 @@ def make_heads(num_outputs=2, grid_size=3, output_size=IMAGE, num_classes=None, 
 @pytest.mark.parametrize("num_classes", [None, 3])
 @pytest.mark.parametrize("activation", [None, "sigmoid"])
 @pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.slow
 def test_whole_image_grid_is_exact(backend, num_classes, activation, padding):
     """Box = whole image, output_size = image size: the grid lies on pixel centres, where
     sampling a layer equals F.interpolate to image size, so both heads agree exactly, in the
@@ -237,6 +238,7 @@ def peak_allocated_bytes(step) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_fused_head_uses_far_less_memory(backend):
     """Forward and backward of a few small boxes on a 2 x 96 x 128 image: the naive head holds
     the upsampled hypercolumn image (B x sum C_l x H x W floats) and its gradient; the fused
