@@ -177,7 +177,7 @@ def reference_sample(inputs: Inputs, count: int = ERROR_SAMPLE):
     indices into the flattened output rows and the reference rows ``(count, M or sum C_l)``.
 
     Box grids go through ``fused_hypercolumn_points`` with each grid point's place ``(u, v)`` in
-    its box, which the contract makes equal to ``fused_hypercolumn`` at that point.
+    its box, which ``docs/semantics.md`` makes equal to ``fused_hypercolumn`` at that point.
     """
     workload = inputs.workload
     features = [f.detach().double() for f in inputs.features]

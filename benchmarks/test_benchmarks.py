@@ -20,6 +20,8 @@ from methods import (MODES, available_bytes, estimated_bytes, fused_backends, gr
 from run import DTYPES, MEMORY_HEADROOM, QUICK_WORKLOADS, selected_modes
 from workloads import WORKLOADS, build
 
+pytestmark = pytest.mark.slow
+
 DEVICE = torch.device(os.environ.get("HYPERCOLUMN_OPS_BENCH_DEVICE", "cpu"))
 DTYPE = DTYPES[os.environ.get("HYPERCOLUMN_OPS_BENCH_DTYPE", "float32")]
 FULL = os.environ.get("HYPERCOLUMN_OPS_BENCH_FULL") == "1"

@@ -3,7 +3,7 @@
 ``sparse_hypercolumn``, ``box_hypercolumn``, ``fused_hypercolumn`` and
 ``fused_hypercolumn_points`` sample many CNN layers at points or on box grids, bilinearly, and
 (fused) classify the hypercolumns with location-specific classifiers, without upsampling any
-layer to image size. See ``../shared/CONTRACT.md`` (the project's contract) and the README.
+layer to image size. See ``docs/semantics.md`` (the specification) and the README.
 """
 
 import os
@@ -19,11 +19,11 @@ from .backends import available_backends, use_backend  # noqa: E402
 from .ops import (box_hypercolumn, fused_hypercolumn, fused_hypercolumn_points,  # noqa: E402
                   set_value_checks, sparse_hypercolumn)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402, F401
 
 # Submodules imported on first use (hypercolumn_ops.nn.HypercolumnHead, ...), so that importing
 # the operators does not import torchvision.
-_SUBMODULES = ("baselines", "models", "nn", "planning", "reference", "tasks")
+_SUBMODULES = ("baselines", "hed", "models", "nn", "onnx", "planning", "reference", "tasks")
 
 
 def __getattr__(name):
