@@ -15,19 +15,13 @@
 #include <tuple>
 #include <vector>
 
+#include "op_handles.h"
+
 namespace hypercolumn_ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptionalTensor = c10::optional<at::Tensor>;
-using FusedGrads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
-
-// The operator below the Autograd key (the device's kernel, or a fake one while tracing).
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Saved tensors: the features, then `rest` (undefined where an optional input is absent); the
 // plain arguments go into saved_data.
@@ -113,20 +107,6 @@ at::Tensor bias_grad(const at::Tensor& grad, const at::Tensor& bias) {
   return bias.defined() ? grad.to(bias.scalar_type()) : at::Tensor();
 }
 
-using Sizes = c10::SymIntArrayRef;
-using Scales = at::ArrayRef<double>;
-
-using SparseFn = at::Tensor(at::TensorList, const at::Tensor&, Sizes, Scales, int64_t);
-using SparseBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, Sizes, Scales,
-                                                 int64_t);
-const c10::TypedOperatorHandle<SparseFn>& sparse_op() {
-  static const auto handle = op<SparseFn>("hypercolumn_ops::sparse_hypercolumn");
-  return handle;
-}
-const c10::TypedOperatorHandle<SparseBackwardFn>& sparse_backward_op() {
-  static const auto handle = op<SparseBackwardFn>("hypercolumn_ops::sparse_hypercolumn_backward");
-  return handle;
-}
 
 class SparseHypercolumn : public torch::autograd::Function<SparseHypercolumn> {
  public:
@@ -148,17 +128,6 @@ class SparseHypercolumn : public torch::autograd::Function<SparseHypercolumn> {
   }
 };
 
-using BoxFn = at::Tensor(at::TensorList, const at::Tensor&, int64_t, int64_t, Sizes, Scales, int64_t, int64_t, bool);
-using BoxBackwardFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, int64_t, int64_t,
-                                              Sizes, Scales, int64_t, int64_t, bool);
-const c10::TypedOperatorHandle<BoxFn>& box_op() {
-  static const auto handle = op<BoxFn>("hypercolumn_ops::box_hypercolumn");
-  return handle;
-}
-const c10::TypedOperatorHandle<BoxBackwardFn>& box_backward_op() {
-  static const auto handle = op<BoxBackwardFn>("hypercolumn_ops::box_hypercolumn_backward");
-  return handle;
-}
 
 class BoxHypercolumn : public torch::autograd::Function<BoxHypercolumn> {
  public:
@@ -197,20 +166,6 @@ void save_fused(AutogradContext* ctx, at::TensorList features, at::TensorList we
   save(ctx, features, tensors);
 }
 
-using FusedFn = at::Tensor(at::TensorList, const at::Tensor&, at::TensorList, const OptionalTensor&,
-                           const OptionalTensor&, int64_t, int64_t, Sizes, Scales, int64_t, int64_t, at::IntArrayRef,
-                           int64_t, bool);
-using FusedBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, const at::Tensor&, at::TensorList,
-                                   const OptionalTensor&, const OptionalTensor&, int64_t, int64_t, Sizes, Scales,
-                                   int64_t, int64_t, at::IntArrayRef, int64_t, bool);
-const c10::TypedOperatorHandle<FusedFn>& fused_op() {
-  static const auto handle = op<FusedFn>("hypercolumn_ops::fused_hypercolumn");
-  return handle;
-}
-const c10::TypedOperatorHandle<FusedBackwardFn>& fused_backward_op() {
-  static const auto handle = op<FusedBackwardFn>("hypercolumn_ops::fused_hypercolumn_backward");
-  return handle;
-}
 
 class FusedHypercolumn : public torch::autograd::Function<FusedHypercolumn> {
  public:
@@ -249,20 +204,6 @@ class FusedHypercolumn : public torch::autograd::Function<FusedHypercolumn> {
   }
 };
 
-using FusedPointsFn = at::Tensor(at::TensorList, const at::Tensor&, const OptionalTensor&, at::TensorList,
-                                 const OptionalTensor&, const OptionalTensor&, Sizes, Scales, int64_t, int64_t,
-                                 at::IntArrayRef);
-using FusedPointsBackwardFn = FusedGrads(const at::Tensor&, at::TensorList, const at::Tensor&, const OptionalTensor&,
-                                         at::TensorList, const OptionalTensor&, const OptionalTensor&, Sizes, Scales,
-                                         int64_t, int64_t, at::IntArrayRef);
-const c10::TypedOperatorHandle<FusedPointsFn>& fused_points_op() {
-  static const auto handle = op<FusedPointsFn>("hypercolumn_ops::fused_hypercolumn_points");
-  return handle;
-}
-const c10::TypedOperatorHandle<FusedPointsBackwardFn>& fused_points_backward_op() {
-  static const auto handle = op<FusedPointsBackwardFn>("hypercolumn_ops::fused_hypercolumn_points_backward");
-  return handle;
-}
 
 class FusedHypercolumnPoints : public torch::autograd::Function<FusedHypercolumnPoints> {
  public:

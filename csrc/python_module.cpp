@@ -1,11 +1,12 @@
 // The Python module of the compiled extension: its build facts, read at import by
 // hypercolumn_ops/_native.py to refuse a library built against another torch before any of its
-// kernels can run; and the value check of CPU tensors, which the public operators run on every
-// call (called here without the dispatcher: a call through torch.ops costs the host several
-// times the check itself on the few rows of a typical call).
+// kernels can run; the value check of CPU tensors, which the public operators run on every call
+// (called here without the dispatcher: a call through torch.ops costs the host several times the
+// check itself on the few rows of a typical call); and the operators' fast path (fast_path.cpp).
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "fast_path.h"
 #include "index_check.h"
 
 namespace {
@@ -43,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("index_values_valid", &index_values_valid, pybind11::arg("values"), pybind11::arg("size"),
         "Whether a CPU tensor's values (column 0 of rows) are integer values in [0, size).");
+  hypercolumn_ops::register_fast_path(m);
 }

@@ -4,8 +4,10 @@
 arguments (``csrc/ops.cpp``), which every backend (native, Triton, reference) takes: or raises a
 ``TypeError``/``ValueError`` that names the argument and what was expected (``docs/semantics.md``,
 "Errors"). The kernels keep only the checks that guard memory (``csrc/checks.h``).
+The extension's fast path (``csrc/fast_path.cpp``) normalises the common, valid calls the same
+way in C++ and leaves every other call, and every error, to this module.
 
-A call runs this for every operator call, so it is written for the host's time: plain loops,
+A call that the fast path declines runs this, so it is written for the host's time: plain loops,
 exact-type tests before ``isinstance`` on abstract types, no tensor made where none is needed.
 It must also trace under ``torch.compile(fullgraph=True)``, where sizes may be symbolic: no
 ``math`` function of a size, and checks of symbolic values through ``torch._check``.

@@ -1,6 +1,11 @@
 """The public operators: each checks and normalises its arguments (``_validation``, one path for
 every backend), then runs the backend for the features' device (``backends``).
 
+Where the compiled extension is built, a call first tries its fast path (``csrc/fast_path.cpp``):
+when every argument has the common form, it normalises them as ``_validation`` does and calls the
+native operator from C++, for a fraction of the host time; otherwise (any other form, an invalid
+value, another backend forced, tracing by torch.compile) the call takes the path below.
+
 The semantics are those of ``docs/semantics.md``. Coordinates are continuous, in pixels of the
 image the network saw: pixel ``i`` covers ``[i, i + 1)``. Layer ``l`` of shape ``(H_l, W_l)``
 samples image point ``(x, y)`` at feature coordinate ``(x * sx - 0.5, y * sy - 0.5)`` with
@@ -19,10 +24,27 @@ from torch import Tensor
 from ._validation import (_orders, autocast_device, normalise_box_hypercolumn,  # noqa: F401
                           normalise_fused_hypercolumn, normalise_fused_hypercolumn_points,
                           normalise_sparse_hypercolumn, set_value_checks, without_autocast)
+from . import _native
+from ._validation import _value_checks_mode
+from .backends import _local as _backends_local
 from .backends import backend_module
 
 Scale = Optional[Union[float, Sequence[float]]]
 Size = Optional[Sequence[int]]
+
+
+# The extension's module, whose fast_<operator> functions return the output, or None where the call
+# must take the Python path.
+_FAST = _native._C
+
+
+def _fast_path_open() -> bool:
+    """Whether a call may try the fast path: the extension is built, no backend other than the
+    native one is forced in this thread, and torch.compile is not tracing the call."""
+    if _FAST is None or torch.compiler.is_compiling():
+        return False
+    forced = getattr(_backends_local, "forced", None)
+    return not forced or forced[-1] == "native"
 
 
 def _run(name: str, args: tuple, autocast: Optional[str]) -> Tensor:
@@ -57,6 +79,10 @@ def sparse_hypercolumn(features: Sequence[Tensor], points: Tensor, *, image_size
         TypeError, ValueError: a bad argument, before any kernel runs; the message names it
             (``docs/semantics.md``, "Errors").
     """
+    if _fast_path_open():
+        out = _FAST.fast_sparse_hypercolumn(features, points, image_size, spatial_scale, padding, _value_checks_mode())
+        if out is not None:
+            return out
     autocast = autocast_device(features)
     args = normalise_sparse_hypercolumn(features, points, image_size=image_size, spatial_scale=spatial_scale,
                                         padding=padding, autocast=autocast)
@@ -94,6 +120,11 @@ def box_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[Te
         TypeError, ValueError: a bad argument, before any kernel runs; the message names it
             (``docs/semantics.md``, "Errors").
     """
+    if _fast_path_open():
+        out = _FAST.fast_box_hypercolumn(features, boxes, output_size, image_size, spatial_scale, padding,
+                                         sampling_ratio, aligned, _value_checks_mode())
+        if out is not None:
+            return out
     autocast = autocast_device(features)
     args = normalise_box_hypercolumn(features, boxes, output_size, image_size=image_size, spatial_scale=spatial_scale,
                                      padding=padding, sampling_ratio=sampling_ratio, aligned=aligned,
@@ -134,6 +165,12 @@ def fused_hypercolumn(features: Sequence[Tensor], boxes: Union[Tensor, Sequence[
         TypeError, ValueError: a bad argument, before any kernel runs; the message names it
             (``docs/semantics.md``, "Errors").
     """
+    if _fast_path_open():
+        out = _FAST.fast_fused_hypercolumn(features, boxes, weights, bias, output_size, image_size, spatial_scale,
+                                           labels, activation, padding, sampling_ratio, aligned, box_bias,
+                                           _value_checks_mode())
+        if out is not None:
+            return out
     autocast = autocast_device(features)
     args = normalise_fused_hypercolumn(features, boxes, weights, bias, output_size=output_size, image_size=image_size,
                                        spatial_scale=spatial_scale, labels=labels, activation=activation,
@@ -172,6 +209,12 @@ def fused_hypercolumn_points(features: Sequence[Tensor], points: Tensor, weights
         TypeError, ValueError: a bad argument, before any kernel runs; the message names it
             (``docs/semantics.md``, "Errors").
     """
+    if _fast_path_open():
+        out = _FAST.fast_fused_hypercolumn_points(features, points, weights, bias, locations, image_size,
+                                                  spatial_scale, labels, activation, padding, box_bias,
+                                                  _value_checks_mode())
+        if out is not None:
+            return out
     autocast = autocast_device(features)
     args = normalise_fused_hypercolumn_points(features, points, weights, bias, locations=locations,
                                               image_size=image_size, spatial_scale=spatial_scale, labels=labels,

@@ -9,8 +9,8 @@ The sources are copied with a few mechanical rewrites (nothing else in them chan
 - ``c10::DeviceType::CUDA`` -> ``c10::DeviceType::CPU`` (the device type the CUDA entries check
   their features for, ``csrc/cuda/launch.h``: the emulated kernels take CPU tensors);
 - the operators are registered as ``torch.ops.hypercolumn_ops_cuda_emulated`` for CPU tensors
-  (``csrc/ops.cpp``'s schema and ``csrc/autograd.cpp``'s formulas under that name), beside the real
-  ``hypercolumn_ops``.
+  (``csrc/ops.cpp``'s schema, ``csrc/autograd.cpp``'s formulas and ``csrc/op_handles.h``'s
+  handles under that name), beside the real ``hypercolumn_ops``.
 """
 
 import os
@@ -74,7 +74,7 @@ def _build(verbose: bool):
     sources = []
     cuda = sorted(os.path.join("cuda", name) for name in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
                   if name.endswith((".cu", ".cuh", ".h", ".cpp")))
-    for relative in ["ops.cpp", "autograd.cpp"] + cuda:
+    for relative in ["ops.cpp", "autograd.cpp", "op_handles.h"] + cuda:
         with open(os.path.join(ROOT, "csrc", relative)) as file:
             text = rewrite(file.read())
         target = os.path.join(out, relative.replace(".cu", ".cpp") if relative.endswith(".cu") else relative)
