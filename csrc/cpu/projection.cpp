@@ -97,28 +97,36 @@ struct Vector<double> {
 
 // out (rows, kWeightColumns) += g.T @ f over one run of `pixels` pixels: g (pixels, rows), f
 // (pixels, kWeightColumns), all contiguous, rows a multiple of kWeightRows. Each element is the
-// sum of its run's terms in pixel order, added to out once.
+// sum of its run's terms in pixel order, added to out once. kWeightRows rows x kVectors vectors of
+// columns per register block: 16 independent sums (4 kept an AVX-512 core's FMA units waiting on
+// their latency), each vector of f loaded once for kWeightRows rows.
 template <typename acc_t>
 __attribute__((always_inline)) inline void weight_run_body(const acc_t* g, const acc_t* f, int64_t pixels,
                                                            int64_t rows, acc_t* out) {
   using V = typename Vector<acc_t>::type;
   constexpr int64_t lanes = static_cast<int64_t>(sizeof(V) / sizeof(acc_t));
-  static_assert(kWeightColumns % lanes == 0, "a block of columns is whole vectors");
-  for (int64_t v = 0; v < kWeightColumns; v += lanes) {
+  constexpr int64_t kVectors = 4;
+  static_assert(kWeightColumns % (kVectors * lanes) == 0, "a block of columns is whole register blocks");
+  for (int64_t v0 = 0; v0 < kWeightColumns; v0 += kVectors * lanes) {
     for (int64_t q0 = 0; q0 < rows; q0 += kWeightRows) {
-      V sum[kWeightRows] = {};
+      V sum[kWeightRows][kVectors] = {};
       for (int64_t p = 0; p < pixels; ++p) {
-        V x;
-        std::memcpy(&x, f + p * kWeightColumns + v, sizeof(V));
+        V x[kVectors];
+        for (int64_t j = 0; j < kVectors; ++j) std::memcpy(&x[j], f + p * kWeightColumns + v0 + j * lanes, sizeof(V));
         const acc_t* gp = g + p * rows + q0;
-        for (int64_t k = 0; k < kWeightRows; ++k) sum[k] += gp[k] * x;
+        for (int64_t k = 0; k < kWeightRows; ++k) {
+          const acc_t scale = gp[k];
+          for (int64_t j = 0; j < kVectors; ++j) sum[k][j] += scale * x[j];
+        }
       }
       for (int64_t k = 0; k < kWeightRows; ++k) {
-        V before;
-        acc_t* to = out + (q0 + k) * kWeightColumns + v;
-        std::memcpy(&before, to, sizeof(V));
-        before += sum[k];
-        std::memcpy(to, &before, sizeof(V));
+        for (int64_t j = 0; j < kVectors; ++j) {
+          V before;
+          acc_t* to = out + (q0 + k) * kWeightColumns + v0 + j * lanes;
+          std::memcpy(&before, to, sizeof(V));
+          before += sum[k][j];
+          std::memcpy(to, &before, sizeof(V));
+        }
       }
     }
   }
