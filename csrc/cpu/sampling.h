@@ -317,6 +317,16 @@ void gather_channels(const FeatureMap<scalar_t>& map, const BlockTaps<acc_t>& ta
     const int64_t k1 = std::min(k0 + chunk, channels);
     for (int64_t i = 0; i < count; ++i) {
       out_t* out = dst + dst_offset[i];
+      if (taps.end[i] - taps.first(i) == 1) {  // a point: its one group written as it is blended
+        const SampleTaps<acc_t>& t = taps.groups[taps.first(i)];
+        const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];
+        const int64_t o0 = t.offset[0], o1 = t.offset[1], o2 = t.offset[2], o3 = t.offset[3];
+        for (int64_t c = k0; c < k1; ++c) {
+          const scalar_t* f = data + c * sc;
+          out[c * dst_stride] = out_t(w0 * acc_t(f[o0]) + w1 * acc_t(f[o1]) + w2 * acc_t(f[o2]) + w3 * acc_t(f[o3]));
+        }
+        continue;
+      }
       for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
         const SampleTaps<acc_t>& t = taps.groups[g];
         const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];

@@ -62,6 +62,19 @@ void gather_small_map(const FeatureMap<scalar_t>& map, const BlockTaps<acc_t>& t
         }
     for (int64_t i = 0; i < count; ++i) {
       scalar_t* out = dst + dst_offset[i] + c0 * dst_stride;
+      if (taps.end[i] - taps.first(i) == 1) {  // a point: its one group written as it is blended
+        const SampleTaps<acc_t>& t = taps.groups[taps.first(i)];
+        const acc_t* f0 = chunk.data() + t.offset[0] * width;
+        const acc_t* f1 = chunk.data() + t.offset[1] * width;
+        const acc_t* f2 = chunk.data() + t.offset[2] * width;
+        const acc_t* f3 = chunk.data() + t.offset[3] * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) {
+          out[c * dst_stride] = scalar_t(t.weight[0] * f0[c] + t.weight[1] * f1[c] + t.weight[2] * f2[c] +
+                                         t.weight[3] * f3[c]);
+        }
+        continue;
+      }
       for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
         const SampleTaps<acc_t>& t = taps.groups[g];
         const acc_t* f0 = chunk.data() + t.offset[0] * width;
