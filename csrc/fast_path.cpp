@@ -441,49 +441,90 @@ py::object run(const Call& call) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
 
-py::object sparse(py::handle features, py::handle points, py::handle image_size, py::handle spatial_scale,
-                  py::handle padding, py::handle value_checks) {
-  const std::optional<Layers> layers = layers_of(features);
+// What every operator checks first: the features, where values are read, the coordinate rows.
+struct Call {
+  Layers layers;
+  bool check;
+  at::Tensor rows;
+};
+
+std::optional<Call> call_of(py::handle features, py::handle rows, int64_t columns, py::handle value_checks) {
+  std::optional<Layers> layers = layers_of(features);
   if (!layers) {
-    return py::none();
+    return std::nullopt;
   }
   const std::optional<bool> check = checking_values(value_checks, *layers);
   if (!check) {
+    return std::nullopt;
+  }
+  const Rows checked = coordinates(rows, columns, *layers, *check, /*batch_column=*/true);
+  if (!checked) {
+    return std::nullopt;
+  }
+  return Call{std::move(*layers), *check, *checked};
+}
+
+// The fused operators' classifier, labels and bias rows for `call`'s rows.
+struct Classification {
+  Classifier classifier;
+  OptionalTensor labels, bias;
+  int64_t activation;
+};
+
+std::optional<Classification> classification_of(const Call& call, py::handle weights, py::handle labels,
+                                                py::handle bias, py::handle box_bias, py::handle activation,
+                                                bool per_box_form) {
+  std::optional<Classifier> classifier = classifier_of(weights, call.layers);
+  if (!classifier) {
+    return std::nullopt;
+  }
+  const int64_t count = call.rows.size(0);
+  const std::optional<OptionalTensor> label_rows = labels_of(labels, *classifier, count, call.layers, call.check);
+  if (!label_rows) {
+    return std::nullopt;
+  }
+  const std::optional<OptionalTensor> bias_rows =
+      bias_of(bias, box_bias, *label_rows, *classifier, count, per_box_form, call.layers);
+  const std::optional<int64_t> act = activation_code(activation);
+  if (!bias_rows || !act) {
+    return std::nullopt;
+  }
+  return Classification{std::move(*classifier), *label_rows, *bias_rows, *act};
+}
+
+py::object sparse(py::handle features, py::handle points, py::handle image_size, py::handle spatial_scale,
+                  py::handle padding, py::handle value_checks) {
+  const std::optional<Call> call = call_of(features, points, 3, value_checks);
+  if (!call) {
     return py::none();
   }
-  const Rows rows = coordinates(points, 3, *layers, *check, /*batch_column=*/true);
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, *layers);
+  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
-  if (!rows || !scales || !pad) {
+  if (!scales || !pad) {
     return py::none();
   }
   return run([&] {
-    return sparse_op().call(layers->maps, *rows, scales->image_size, scales->spatial_scale, *pad);
+    return sparse_op().call(call->layers.maps, call->rows, scales->image_size, scales->spatial_scale, *pad);
   });
 }
 
 py::object box(py::handle features, py::handle boxes, py::handle output_size, py::handle image_size,
                py::handle spatial_scale, py::handle padding, py::handle sampling_ratio, py::handle aligned,
                py::handle value_checks) {
-  const std::optional<Layers> layers = layers_of(features);
-  if (!layers) {
+  const std::optional<Call> call = call_of(features, boxes, 5, value_checks);
+  if (!call) {
     return py::none();
   }
-  const std::optional<bool> check = checking_values(value_checks, *layers);
-  if (!check) {
-    return py::none();
-  }
-  const Rows rows = coordinates(boxes, 5, *layers, *check, /*batch_column=*/true);
   const auto grid = grid_of(output_size);
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, *layers);
+  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
   const auto sampling = sampling_of(sampling_ratio, aligned);
-  if (!rows || !grid || !scales || !pad || !sampling) {
+  if (!grid || !scales || !pad || !sampling) {
     return py::none();
   }
   return run([&] {
-    return box_op().call(layers->maps, *rows, grid->first, grid->second, scales->image_size, scales->spatial_scale,
-                         *pad, sampling->first, sampling->second);
+    return box_op().call(call->layers.maps, call->rows, grid->first, grid->second, scales->image_size,
+                         scales->spatial_scale, *pad, sampling->first, sampling->second);
   });
 }
 
@@ -491,88 +532,63 @@ py::object fused(py::handle features, py::handle boxes, py::handle weights, py::
                  py::handle image_size, py::handle spatial_scale, py::handle labels, py::handle activation,
                  py::handle padding, py::handle sampling_ratio, py::handle aligned, py::handle box_bias,
                  py::handle value_checks) {
-  const std::optional<Layers> layers = layers_of(features);
-  if (!layers) {
+  const std::optional<Call> call = call_of(features, boxes, 5, value_checks);
+  if (!call) {
     return py::none();
   }
-  const std::optional<bool> check = checking_values(value_checks, *layers);
-  if (!check) {
-    return py::none();
-  }
-  const Rows rows = coordinates(boxes, 5, *layers, *check, /*batch_column=*/true);
+  const std::optional<Classification> classes =
+      classification_of(*call, weights, labels, bias, box_bias, activation, /*per_box_form=*/true);
   const auto grid = grid_of(output_size);
-  const std::optional<Classifier> classifier = classifier_of(weights, *layers);
-  if (!rows || !grid || !classifier) {
-    return py::none();
-  }
-  const int64_t count = rows->size(0);
-  const std::optional<OptionalTensor> label_rows = labels_of(labels, *classifier, count, *layers, *check);
-  if (!label_rows) {
-    return py::none();
-  }
-  const std::optional<OptionalTensor> bias_rows =
-      bias_of(bias, box_bias, *label_rows, *classifier, count, /*per_box_form=*/true, *layers);
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, *layers);
+  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
-  const std::optional<int64_t> act = activation_code(activation);
   const auto sampling = sampling_of(sampling_ratio, aligned);
-  if (!bias_rows || !scales || !pad || !act || !sampling) {
+  if (!classes || !grid || !scales || !pad || !sampling) {
     return py::none();
   }
   const int64_t samples = sampling->first > 0 ? sampling->first * sampling->first : 4;
-  const std::vector<int64_t> orders = orders_of(*layers, count * grid->first * grid->second, *classifier, samples);
+  const std::vector<int64_t> orders =
+      orders_of(call->layers, call->rows.size(0) * grid->first * grid->second, classes->classifier, samples);
   return run([&] {
-    return fused_op().call(layers->maps, *rows, classifier->weights, *bias_rows, *label_rows, grid->first,
-                           grid->second, scales->image_size, scales->spatial_scale, *pad, *act, orders,
-                           sampling->first, sampling->second);
+    return fused_op().call(call->layers.maps, call->rows, classes->classifier.weights, classes->bias,
+                           classes->labels, grid->first, grid->second, scales->image_size, scales->spatial_scale,
+                           *pad, classes->activation, orders, sampling->first, sampling->second);
   });
 }
 
 py::object fused_points(py::handle features, py::handle points, py::handle weights, py::handle bias,
                         py::handle locations, py::handle image_size, py::handle spatial_scale, py::handle labels,
                         py::handle activation, py::handle padding, py::handle box_bias, py::handle value_checks) {
-  const std::optional<Layers> layers = layers_of(features);
-  if (!layers) {
+  const std::optional<Call> call = call_of(features, points, 3, value_checks);
+  if (!call) {
     return py::none();
   }
-  const std::optional<bool> check = checking_values(value_checks, *layers);
-  if (!check) {
+  const std::optional<Classification> classes =
+      classification_of(*call, weights, labels, bias, box_bias, activation, /*per_box_form=*/false);
+  if (!classes) {
     return py::none();
   }
-  const Rows rows = coordinates(points, 3, *layers, *check, /*batch_column=*/true);
-  const std::optional<Classifier> classifier = classifier_of(weights, *layers);
-  if (!rows || !classifier) {
-    return py::none();
-  }
-  const int64_t count = rows->size(0);
-  const std::optional<OptionalTensor> label_rows = labels_of(labels, *classifier, count, *layers, *check);
-  if (!label_rows) {
-    return py::none();
-  }
-  const std::optional<OptionalTensor> bias_rows =
-      bias_of(bias, box_bias, *label_rows, *classifier, count, /*per_box_form=*/false, *layers);
   OptionalTensor places;
   if (locations.is_none()) {
-    if (classifier->cells > 1) {
+    if (classes->classifier.cells > 1) {
       return py::none();
     }
   } else {
-    const Rows given = coordinates(locations, 2, *layers, false, /*batch_column=*/false);
-    if (!given || given->size(0) != count) {
+    const Rows given = coordinates(locations, 2, call->layers, false, /*batch_column=*/false);
+    if (!given || given->size(0) != call->rows.size(0)) {
       return py::none();
     }
     places = *given;
   }
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, *layers);
+  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
-  const std::optional<int64_t> act = activation_code(activation);
-  if (!bias_rows || !scales || !pad || !act) {
+  if (!scales || !pad) {
     return py::none();
   }
-  const std::vector<int64_t> orders = orders_of(*layers, count, *classifier, 1);
+  const std::vector<int64_t> orders = orders_of(call->layers, call->rows.size(0), classes->classifier, 1);
   return run([&] {
-    return fused_points_op().call(layers->maps, *rows, places, classifier->weights, *bias_rows, *label_rows,
-                                  scales->image_size, scales->spatial_scale, *pad, *act, orders);
+    return fused_points_op().call(call->layers.maps, call->rows, places, classes->classifier.weights, classes->bias,
+                                  classes->labels, scales->image_size, scales->spatial_scale, *pad,
+                                  classes->activation, orders);
   });
 }
 
