@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -200,21 +201,31 @@ void block_scores(const Classifier<scalar_t>& cls, const Source& source, int64_t
     if (cls.orders[l] == kOrderProjectScores) {
       const int64_t channels = cls.score_channels();
       const acc_t* scores = cls.score_maps[l].template const_data_ptr<acc_t>();
-      for (int64_t i = 0; i < count; ++i) {
-        const PointCells<acc_t>& pc = buf.cells[i];
-        if (!pc.valid) continue;
-        buf.groups.clear();
-        buf.tapper.append(source, start + i, buf.points[i], map, l, cls.padding, pc.b,
-                          map.height * map.width * channels, map.width * channels, channels, &buf.groups);
+      // Adds one group of taps of the score maps to the scores of point i's hit cells. `t` is
+      // taken by value: in a local the compiler keeps its weights in registers across the
+      // stores to the scores.
+      const auto add_group = [&](int64_t i, const PointCells<acc_t>& pc, const SampleTaps<acc_t> t) {
         for (int64_t u = 0; u < pc.count; ++u) {
           const int64_t q = cls.score_row(pc.label, pc.cell[u]);
           acc_t* s = buf.scores.data() + (i * 4 + u) * outputs;
-          for (const SampleTaps<acc_t>& t : buf.groups) {
-            for (int64_t m = 0; m < outputs; ++m) {
-              s[m] += t.weight[0] * scores[t.offset[0] + q + m] + t.weight[1] * scores[t.offset[1] + q + m] +
-                      t.weight[2] * scores[t.offset[2] + q + m] + t.weight[3] * scores[t.offset[3] + q + m];
-            }
+          for (int64_t m = 0; m < outputs; ++m) {
+            s[m] += t.weight[0] * scores[t.offset[0] + q + m] + t.weight[1] * scores[t.offset[1] + q + m] +
+                    t.weight[2] * scores[t.offset[2] + q + m] + t.weight[3] * scores[t.offset[3] + q + m];
           }
+        }
+      };
+      const int64_t stride_b = map.height * map.width * channels, stride_h = map.width * channels;
+      for (int64_t i = 0; i < count; ++i) {
+        const PointCells<acc_t>& pc = buf.cells[i];
+        if (!pc.valid) continue;
+        if constexpr (std::is_same_v<Source, PointList<acc_t>>) {  // a point: one group of taps
+          add_group(i, pc, sample_taps<acc_t>(map, buf.points[i].x, buf.points[i].y, cls.padding, pc.b, stride_b,
+                                              stride_h, channels));
+        } else {  // a box grid's cell: the groups of its samples, in order
+          buf.groups.clear();
+          buf.tapper.append(source, start + i, buf.points[i], map, l, cls.padding, pc.b, stride_b, stride_h,
+                            channels, &buf.groups);
+          for (const SampleTaps<acc_t>& t : buf.groups) add_group(i, pc, t);
         }
       }
     } else {
