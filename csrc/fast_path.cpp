@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <vector>
@@ -44,8 +45,8 @@ using Rows = std::optional<at::Tensor>;
 
 // float32's largest finite value and smallest positive (subnormal) one: a spatial_scale outside
 // them becomes inf or 0 in a float32 kernel (_validation.py refuses it for non-float64 features).
-constexpr double kFloat32Max = 3.4028234663852886e38;
-constexpr double kFloat32Tiny = 1.401298464324817e-45;
+constexpr double kFloat32Max = std::numeric_limits<float>::max();
+constexpr double kFloat32Tiny = std::numeric_limits<float>::denorm_min();
 
 // A tensor whose operator calls reach the dispatcher as they are: torch.Tensor or nn.Parameter
 // (whose __torch_function__ is the disabled one), not a subclass.
@@ -156,11 +157,6 @@ std::optional<bool> checking_values(py::handle value_checks, const Layers& layer
   return layers.device.is_cpu() ? std::optional<bool>(true) : std::nullopt;
 }
 
-// Integer values in [0, size) in `values` (1-D) or its column 0 (rows); CPU tensors only.
-bool valid_indices(const at::Tensor& values, int64_t size) {
-  return cpu::index_values_valid_cpu(values.dim() == 2 ? values.select(1, 0) : values, size);
-}
-
 // Coordinate rows (rows, columns) in the coordinate dtype on the features' device -> detached,
 // contiguous; with `batch_column`, column 0's values checked where `check`.
 Rows coordinates(py::handle value, int64_t columns, const Layers& layers, bool check, bool batch_column) {
@@ -172,7 +168,7 @@ Rows coordinates(py::handle value, int64_t columns, const Layers& layers, bool c
       !layers.on_device(rows)) {
     return std::nullopt;
   }
-  if (batch_column && check && rows.size(0) > 0 && !valid_indices(rows, layers.batch)) {
+  if (batch_column && check && rows.size(0) > 0 && !cpu::index_column_valid_cpu(rows, layers.batch)) {
     return std::nullopt;
   }
   at::Tensor result = rows.requires_grad() ? rows.detach() : rows;
@@ -181,13 +177,13 @@ Rows coordinates(py::handle value, int64_t columns, const Layers& layers, bool c
 
 // image_size (two positive ints) or spatial_scale (one positive number or one per layer; within
 // float32's range unless the features are float64), exactly one of them.
-struct Scales {
+struct ScaleArguments {
   std::vector<c10::SymInt> image_size;
   std::vector<double> spatial_scale;
 };
 
-std::optional<Scales> scales_of(py::handle image_size, py::handle spatial_scale, const Layers& layers) {
-  Scales scales;
+std::optional<ScaleArguments> scales_of(py::handle image_size, py::handle spatial_scale, const Layers& layers) {
+  ScaleArguments scales;
   if (!image_size.is_none()) {
     if (!spatial_scale.is_none() || !is_sequence(image_size)) {
       return std::nullopt;
@@ -346,7 +342,7 @@ std::optional<OptionalTensor> labels_of(py::handle labels, const Classifier& cla
   }
   const at::Tensor& values = THPVariable_Unpack(labels.ptr());
   if (values.scalar_type() != at::kLong || values.dim() != 1 || values.size(0) != count || !layers.on_device(values) ||
-      (check && count > 0 && !valid_indices(values, classifier.classes))) {
+      (check && count > 0 && !cpu::index_column_valid_cpu(values, classifier.classes))) {
     return std::nullopt;
   }
   return OptionalTensor(values.is_contiguous() ? values : values.contiguous());
@@ -498,7 +494,7 @@ py::object sparse(py::handle features, py::handle points, py::handle image_size,
   if (!call) {
     return py::none();
   }
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
+  const std::optional<ScaleArguments> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
   if (!scales || !pad) {
     return py::none();
@@ -516,7 +512,7 @@ py::object box(py::handle features, py::handle boxes, py::handle output_size, py
     return py::none();
   }
   const auto grid = grid_of(output_size);
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
+  const std::optional<ScaleArguments> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
   const auto sampling = sampling_of(sampling_ratio, aligned);
   if (!grid || !scales || !pad || !sampling) {
@@ -539,7 +535,7 @@ py::object fused(py::handle features, py::handle boxes, py::handle weights, py::
   const std::optional<Classification> classes =
       classification_of(*call, weights, labels, bias, box_bias, activation, /*per_box_form=*/true);
   const auto grid = grid_of(output_size);
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
+  const std::optional<ScaleArguments> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
   const auto sampling = sampling_of(sampling_ratio, aligned);
   if (!classes || !grid || !scales || !pad || !sampling) {
@@ -579,7 +575,7 @@ py::object fused_points(py::handle features, py::handle points, py::handle weigh
     }
     places = *given;
   }
-  const std::optional<Scales> scales = scales_of(image_size, spatial_scale, call->layers);
+  const std::optional<ScaleArguments> scales = scales_of(image_size, spatial_scale, call->layers);
   const std::optional<int64_t> pad = padding_code(padding);
   if (!scales || !pad) {
     return py::none();

@@ -21,5 +21,10 @@ namespace cpu {
 // Python module's value check of CPU tensors (csrc/python_module.cpp).
 bool index_values_valid_cpu(const at::Tensor& values, int64_t size);
 
+// The same of the 1-D CPU `values`, or of column 0 of the 2-D CPU `values` (coordinate rows).
+inline bool index_column_valid_cpu(const at::Tensor& values, int64_t size) {
+  return index_values_valid_cpu(values.dim() == 2 ? values.select(1, 0) : values, size);
+}
+
 }  // namespace cpu
 }  // namespace hypercolumn_ops

@@ -17,8 +17,7 @@ bool index_values_valid(const at::Tensor& values, int64_t size) {
   TORCH_CHECK(values.defined() && values.device().is_cpu(), "values: expected a CPU tensor");
   TORCH_CHECK(values.dim() == 1 || values.dim() == 2, "values: expected a 1-D or 2-D tensor, got shape ",
               values.sizes());
-  const at::Tensor column = values.dim() == 2 ? values.select(1, 0) : values;
-  return hypercolumn_ops::cpu::index_values_valid_cpu(column, size);
+  return hypercolumn_ops::cpu::index_column_valid_cpu(values, size);
 }
 
 pybind11::dict build_info() {
