@@ -37,7 +37,7 @@ def test_matches_reference_float64(case):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "channels_last"])
 def test_many_points_on_small_maps_match_reference_float64(layout):
-    # Blocks of many points on maps of few pixels take the kernels' transposing gather.
+    # Many points on maps of few pixels: the sampling kernels gather from channels_last copies.
     g = torch.Generator().manual_seed(21)
     f = features(torch.float64, "cpu", layout, g, True, shapes=((70, 3, 3), (5, 4, 5), (3, 10, 12)))
     cases = [Case("sparse_hypercolumn", (f, points(600, torch.float32, "cpu", g)), {"image_size": IMAGE}, layout),

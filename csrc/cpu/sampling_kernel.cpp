@@ -1,8 +1,8 @@
 // CPU kernels of sparse_hypercolumn and box_hypercolumn, forward and backward.
 //
 // Forward: parallel over blocks of points; per block and layer the bilinear taps are computed
-// once per point, then every channel is gathered with them (no copy of the features, whatever
-// their strides). box_hypercolumn on planar (NCHW-like) maps, and wherever its cells average
+// once per point, then every channel is gathered with them (no copy of the features, but for a
+// channels_last copy of a small NCHW map read by many points). box_hypercolumn on planar (NCHW-like) maps, and wherever its cells average
 // several samples (sampling_ratio, aligned=false), instead goes box by box, channel plane by
 // channel plane, in the output's order, using the separability of a box grid.
 // Backward: parallel over channel blocks of each layer; an item scatters all points, in order,
@@ -38,60 +38,6 @@ std::vector<int64_t> first_channels(at::TensorList features) {
   return first;
 }
 
-// Channels per chunk when a small map is transposed for a block (a 64 KiB float buffer for a
-// 16 x 16 map).
-constexpr int64_t kTransposeChannels = 64;
-
-// A map with few pixels but channel planes far apart (NCHW at a deep layer: 16 x 16 pixels,
-// 4096 channels) is gathered through a channels_last copy of one chunk of channels at a time,
-// so that each point reads contiguous runs instead of one element per plane. `taps` hold pixel
-// indices ((b * H + y) * W + x).
-template <typename scalar_t, typename acc_t>
-void gather_small_map(const FeatureMap<scalar_t>& map, const BlockTaps<acc_t>& taps, const int64_t* dst_offset,
-                      int64_t count, scalar_t* dst, int64_t dst_stride, std::vector<acc_t>& chunk) {
-  const int64_t pixels = map.batch * map.height * map.width;
-  chunk.resize(pixels * kTransposeChannels);
-  for (int64_t c0 = 0; c0 < map.channels; c0 += kTransposeChannels) {
-    const int64_t width = std::min(kTransposeChannels, map.channels - c0);
-    for (int64_t b = 0; b < map.batch; ++b)
-      for (int64_t c = 0; c < width; ++c)
-        for (int64_t y = 0; y < map.height; ++y) {
-          const scalar_t* from = map.data + b * map.stride_b + (c0 + c) * map.stride_c + y * map.stride_h;
-          acc_t* to = chunk.data() + ((b * map.height + y) * map.width) * width + c;
-          for (int64_t x = 0; x < map.width; ++x) to[x * width] = acc_t(from[x * map.stride_w]);
-        }
-    for (int64_t i = 0; i < count; ++i) {
-      scalar_t* out = dst + dst_offset[i] + c0 * dst_stride;
-      if (taps.end[i] - taps.first(i) == 1) {  // a point: its one group written as it is blended
-        const SampleTaps<acc_t>& t = taps.groups[taps.first(i)];
-        const acc_t* f0 = chunk.data() + t.offset[0] * width;
-        const acc_t* f1 = chunk.data() + t.offset[1] * width;
-        const acc_t* f2 = chunk.data() + t.offset[2] * width;
-        const acc_t* f3 = chunk.data() + t.offset[3] * width;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) {
-          out[c * dst_stride] = scalar_t(t.weight[0] * f0[c] + t.weight[1] * f1[c] + t.weight[2] * f2[c] +
-                                         t.weight[3] * f3[c]);
-        }
-        continue;
-      }
-      for (int64_t g = taps.first(i); g < taps.end[i]; ++g) {
-        const SampleTaps<acc_t>& t = taps.groups[g];
-        const acc_t* f0 = chunk.data() + t.offset[0] * width;
-        const acc_t* f1 = chunk.data() + t.offset[1] * width;
-        const acc_t* f2 = chunk.data() + t.offset[2] * width;
-        const acc_t* f3 = chunk.data() + t.offset[3] * width;
-        const bool first = g == taps.first(i);
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) {
-          const acc_t value = t.weight[0] * f0[c] + t.weight[1] * f1[c] + t.weight[2] * f2[c] + t.weight[3] * f3[c];
-          out[c * dst_stride] = scalar_t(first ? value : acc_t(out[c * dst_stride]) + value);
-        }
-      }
-    }
-  }
-}
-
 // Hypercolumns of every point of `source` into `out` at `layout` (layer l's channels start at
 // the sum of the earlier layers' channel counts): points, or box grids of one sample a cell (whose
 // taps are one group: the output is written in its dtype, never summed there). Each element is
@@ -101,9 +47,19 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
                     at::ArrayRef<double> scale_x, int64_t padding, scalar_t* out,
                     const PointLayout& layout) {
   using acc_t = acc_type<scalar_t>;
+  // A small map whose channel planes are far apart (NCHW at a deep layer: 16 x 16 pixels, 4096
+  // channels) is read from a channels_last copy made once per call, so that each point reads
+  // contiguous runs of channels instead of one element per plane. Made where the map has no
+  // more pixels than there are points: the copy is at most the layer's part of the output.
+  std::vector<at::Tensor> layers;
   std::vector<FeatureMap<scalar_t>> maps;
-  for (size_t l = 0; l < features.size(); ++l)
-    maps.push_back(feature_map<scalar_t>(features[l], scale_y[l], scale_x[l]));
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    const int64_t pixels = f.size(0) * f.size(2) * f.size(3);
+    const bool transpose = f.stride(1) != 1 && pixels > 0 && pixels <= source.size();
+    layers.push_back(transpose ? f.contiguous(at::MemoryFormat::ChannelsLast) : f);
+    maps.push_back(feature_map<scalar_t>(layers.back(), scale_y[l], scale_x[l]));
+  }
   const std::vector<int64_t> first = first_channels(features);
   at::parallel_for(0, source.size(), kSampleBlock, [&](int64_t begin, int64_t end) {
     // Sized to the work, not the block: a call of a few points does not clear 76 KiB.
@@ -112,7 +68,6 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
     std::vector<int64_t> offsets(block);
     BlockTaps<acc_t> taps;
     PointTapper<acc_t> tapper;
-    std::vector<acc_t> chunk;
     for (int64_t start = begin; start < end; start += kSampleBlock) {
       const int64_t count = std::min(kSampleBlock, end - start);
       for (int64_t i = 0; i < count; ++i) {
@@ -121,30 +76,19 @@ void sample_forward(at::TensorList features, const Source& source, at::ArrayRef<
       }
       for (size_t l = 0; l < maps.size(); ++l) {
         const FeatureMap<scalar_t>& map = maps[l];
-        // Transposing a chunk costs one pass over its pixels: worth it when the block has
-        // several points per pixel.
-        const bool transpose = map.stride_c != 1 && map.batch > 0 &&
-                               4 * map.batch * map.height * map.width <= count;
         taps.clear();
         for (int64_t i = 0; i < count; ++i) {
           int64_t b;
           if (!sample_batch(points[i], map.batch, &b)) {
             taps.groups.push_back(invalid_taps<acc_t>());
-          } else if (transpose) {
-            tapper.append(source, start + i, points[i], map, l, padding, b, map.height * map.width, map.width, 1,
-                          &taps.groups);
           } else {
             tapper.append(source, start + i, points[i], map, l, padding, b, map.stride_b, map.stride_h,
                           map.stride_w, &taps.groups);
           }
           taps.close();
         }
-        scalar_t* dst = out + first[l] * layout.channel_stride;
-        if (transpose) {
-          gather_small_map(map, taps, offsets.data(), count, dst, layout.channel_stride, chunk);
-        } else {
-          gather_channels(map, taps, offsets.data(), count, 0, map.channels, dst, layout.channel_stride);
-        }
+        gather_channels(map, taps, offsets.data(), count, 0, map.channels, out + first[l] * layout.channel_stride,
+                        layout.channel_stride);
       }
     }
   });
