@@ -72,17 +72,17 @@ at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
-// One vector of 64 bytes (an AVX-512 register; narrower targets split it), in GCC's vector
-// extension: one source for every target clone below.
-template <typename T>
-struct Vector;
-template <>
-struct Vector<float> {
-  typedef float type __attribute__((vector_size(64)));
+// A vector of `lanes` elements, in GCC's vector extension: one source for every target clone
+// below.
+template <typename T, int lanes>
+struct Lanes {
+  typedef T type __attribute__((vector_size(lanes * sizeof(T))));
 };
-template <>
-struct Vector<double> {
-  typedef double type __attribute__((vector_size(64)));
+
+// One vector of 64 bytes (an AVX-512 register; narrower targets split it).
+template <typename T>
+struct Vector {
+  typedef typename Lanes<T, 64 / sizeof(T)>::type type;
 };
 
 // weight_run and planar_weight_run are compiled for AVX-512, AVX2 and the baseline, the best
@@ -140,18 +140,34 @@ HC_VECTOR_TARGETS void weight_run(const double* g, const double* f, int64_t pixe
   weight_run_body(g, f, pixels, rows, out);
 }
 
+// The sum of a vector's lanes, halving it until two lanes are left: log2(lanes) vector adds
+// instead of a chain of lanes - 1 scalar ones.
+template <typename acc_t, int kLanes>
+__attribute__((always_inline)) inline acc_t lane_sum(const typename Lanes<acc_t, kLanes>::type& v) {
+  if constexpr (kLanes == 2) {
+    return v[0] + v[1];
+  } else {
+    using Half = typename Lanes<acc_t, kLanes / 2>::type;
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return lane_sum<acc_t, kLanes / 2>(low + high);
+  }
+}
+
 // The same product where the features are planes (NCHW, a run contiguous in each plane, already
 // in acc_t): out (rows, kWeightColumns) += gt @ planes.T over one run, gt (rows, pixels) the
-// run's grad_scores transposed, plane c at f + c * channel_stride, `channels` of them. Read in
-// place, without a tile: each element is a sum over the pixels in vector lanes, the lanes then
-// added in order, then the pixels past the last whole vector (the same order whichever block of
-// channels computes it). kChannels planes x kWeightRows rows per register block: 16 independent
-// sums, and each vector of gt loaded once for kChannels planes.
+// run's grad_scores transposed (row q at gt + q * gt_stride), plane c at f + c * channel_stride,
+// `channels` of them. Read in place, without a tile: each element is a sum over the pixels in
+// vector lanes, the lanes then summed (lane_sum), then the pixels past the last whole vector (the
+// same order whichever block of channels computes it). kChannels planes x kWeightRows rows per
+// register block: 16 independent sums, and each vector of gt loaded once for kChannels planes.
 template <int kChannels, typename acc_t>
-__attribute__((always_inline)) inline void planar_block(const acc_t* gt, const acc_t* f, int64_t channel_stride,
-                                                        int64_t pixels, int64_t q0, acc_t* out) {
+__attribute__((always_inline)) inline void planar_block(const acc_t* gt, int64_t gt_stride, const acc_t* f,
+                                                        int64_t channel_stride, int64_t pixels, int64_t q0,
+                                                        acc_t* out) {
   using V = typename Vector<acc_t>::type;
-  constexpr int64_t lanes = static_cast<int64_t>(sizeof(V) / sizeof(acc_t));
+  constexpr int lanes = static_cast<int>(sizeof(V) / sizeof(acc_t));
   const int64_t whole = pixels / lanes * lanes;
   V sum[kChannels][kWeightRows] = {};
   for (int64_t p = 0; p < whole; p += lanes) {
@@ -159,66 +175,74 @@ __attribute__((always_inline)) inline void planar_block(const acc_t* gt, const a
     for (int j = 0; j < kChannels; ++j) std::memcpy(&x[j], f + j * channel_stride + p, sizeof(V));
     for (int64_t k = 0; k < kWeightRows; ++k) {
       V g;
-      std::memcpy(&g, gt + (q0 + k) * pixels + p, sizeof(V));
+      std::memcpy(&g, gt + (q0 + k) * gt_stride + p, sizeof(V));
       for (int j = 0; j < kChannels; ++j) sum[j][k] += g * x[j];
     }
   }
   for (int j = 0; j < kChannels; ++j) {
     const acc_t* plane = f + j * channel_stride;
     for (int64_t k = 0; k < kWeightRows; ++k) {
-      acc_t total = 0;
-      for (int64_t lane = 0; lane < lanes; ++lane) total += sum[j][k][lane];
-      for (int64_t p = whole; p < pixels; ++p) total += gt[(q0 + k) * pixels + p] * plane[p];
+      acc_t total = lane_sum<acc_t, lanes>(sum[j][k]);
+      for (int64_t p = whole; p < pixels; ++p) total += gt[(q0 + k) * gt_stride + p] * plane[p];
       out[(q0 + k) * kWeightColumns + j] += total;
     }
   }
 }
 
 template <typename acc_t>
-__attribute__((always_inline)) inline void planar_weight_run_body(const acc_t* gt, const acc_t* f,
+__attribute__((always_inline)) inline void planar_weight_run_body(const acc_t* gt, int64_t gt_stride, const acc_t* f,
                                                                   int64_t channel_stride, int64_t channels,
                                                                   int64_t pixels, int64_t rows, acc_t* out) {
   constexpr int kChannels = 4;
   int64_t c = 0;
   for (; c + kChannels <= channels; c += kChannels)
     for (int64_t q0 = 0; q0 < rows; q0 += kWeightRows)
-      planar_block<kChannels>(gt, f + c * channel_stride, channel_stride, pixels, q0, out + c);
+      planar_block<kChannels>(gt, gt_stride, f + c * channel_stride, channel_stride, pixels, q0, out + c);
   for (; c < channels; ++c)
     for (int64_t q0 = 0; q0 < rows; q0 += kWeightRows)
-      planar_block<1>(gt, f + c * channel_stride, channel_stride, pixels, q0, out + c);
+      planar_block<1>(gt, gt_stride, f + c * channel_stride, channel_stride, pixels, q0, out + c);
 }
 
-HC_VECTOR_TARGETS void planar_weight_run(const float* gt, const float* f, int64_t channel_stride, int64_t channels,
-                                         int64_t pixels, int64_t rows, float* out) {
-  planar_weight_run_body(gt, f, channel_stride, channels, pixels, rows, out);
+HC_VECTOR_TARGETS void planar_weight_run(const float* gt, int64_t gt_stride, const float* f, int64_t channel_stride,
+                                         int64_t channels, int64_t pixels, int64_t rows, float* out) {
+  planar_weight_run_body(gt, gt_stride, f, channel_stride, channels, pixels, rows, out);
 }
 
-HC_VECTOR_TARGETS void planar_weight_run(const double* gt, const double* f, int64_t channel_stride,
-                                         int64_t channels, int64_t pixels, int64_t rows, double* out) {
-  planar_weight_run_body(gt, f, channel_stride, channels, pixels, rows, out);
+HC_VECTOR_TARGETS void planar_weight_run(const double* gt, int64_t gt_stride, const double* f,
+                                         int64_t channel_stride, int64_t channels, int64_t pixels, int64_t rows,
+                                         double* out) {
+  planar_weight_run_body(gt, gt_stride, f, channel_stride, channels, pixels, rows, out);
 }
 
 // grad_weight_rows (Q, C) from grad_scores (B, H, W, Q) and feature (B, C, H, W, any strides) of
 // scalar_t: items own blocks of kWeightColumns channels, and add the product of each run of pixels
 // in order, the rows padded to kWeightRows with zeros. Planes of acc_t whose runs are contiguous
-// (NCHW float and double maps) are read in place (planar_weight_run, the run's grad_scores
-// transposed; padded rows past Q may hold an earlier run's values: their sums are never read)
-// where there are at most kPlanarRows rows; otherwise each run is copied into a tile of pixels x channels in acc_t, pixel by
-// pixel where a pixel's channels are contiguous (channels_last), and multiplied by weight_run.
+// (NCHW float and double maps) are read in place (planar_weight_run, from grad_scores transposed
+// once for every item) where there are at most kPlanarRows rows; otherwise each run is copied into
+// a tile of pixels x channels in acc_t, pixel by pixel where a pixel's channels are contiguous
+// (channels_last), and multiplied by weight_run.
 template <typename scalar_t, typename acc_t>
 void weight_grad_blocks(const at::Tensor& grad_scores, const at::Tensor& feature, const at::Tensor& grad_weight_rows) {
   const int64_t height = feature.size(2), width = feature.size(3), channels = feature.size(1);
-  const int64_t rows = grad_weight_rows.size(0);
+  const int64_t rows = grad_weight_rows.size(0), pixel_count = feature.size(0) * height * width;
   const int64_t padded = (rows + kWeightRows - 1) / kWeightRows * kWeightRows;
   const acc_t* scores = grad_scores.const_data_ptr<acc_t>();
   const scalar_t* data = feature.const_data_ptr<scalar_t>();
   const int64_t pixel_stride = width == 1 ? feature.stride(2) : feature.stride(3);
   const int64_t channel_stride = feature.stride(1);
   const bool planar = std::is_same_v<scalar_t, acc_t> && pixel_stride == 1 && padded <= kPlanarRows;
+  // planar: (padded, pixels), the rows past Q zero.
+  at::Tensor transposed;
+  if (planar) {
+    transposed = at::empty({padded, pixel_count}, grad_scores.options());
+    transposed.narrow(0, 0, rows).copy_(grad_scores.view({pixel_count, rows}).t());
+    transposed.narrow(0, rows, padded - rows).zero_();
+  }
   const std::vector<PixelRun> runs = pixel_runs(feature, kReductionPixels);
   run_items((channels + kWeightColumns - 1) / kWeightColumns, [&](int64_t item) {
     const int64_t c0 = item * kWeightColumns, block = std::min(kWeightColumns, channels - c0);
-    std::vector<acc_t> g(kReductionPixels * padded, acc_t(0)), out(padded * kWeightColumns, acc_t(0));
+    std::vector<acc_t> out(padded * kWeightColumns, acc_t(0));
+    std::vector<acc_t> g(planar ? 0 : kReductionPixels * padded, acc_t(0));
     std::vector<acc_t> f(planar ? 0 : kReductionPixels * kWeightColumns, acc_t(0));
     for (const PixelRun& run : runs) {
       const int64_t first = (run.b * height + run.y) * width + run.x;
@@ -226,9 +250,8 @@ void weight_grad_blocks(const at::Tensor& grad_scores, const at::Tensor& feature
                                run.x * feature.stride(3);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (planar) {
-          for (int64_t q = 0; q < rows; ++q)
-            for (int64_t p = 0; p < run.count; ++p) g[q * run.count + p] = scores[(first + p) * rows + q];
-          planar_weight_run(g.data(), pixels, channel_stride, block, run.count, padded, out.data());
+          planar_weight_run(transposed.const_data_ptr<acc_t>() + first, pixel_count, pixels, channel_stride, block,
+                            run.count, padded, out.data());
           continue;
         }
       }
