@@ -67,7 +67,10 @@ def extension():
     # error message then stops short or crashes. Named by file, the shared library is found in the
     # system folders and resolves every symbol before the archive is searched.
     runtime = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", *openmp]  # cpp_extension adds the C++ standard that this torch's headers need
+    # Hidden symbols: the kernels' helpers (header templates) are called directly and inlined
+    # within the library rather than through its PLT; the module init and the operator registrations
+    # need no exported symbol of ours.
+    cxx = ["-O3", "-fvisibility=hidden", *openmp]  # cpp_extension adds the C++ standard torch needs
     macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     kind = CppExtension
@@ -80,7 +83,7 @@ def extension():
         kind = CUDAExtension
         sources += cuda_sources
         macros.append(("HYPERCOLUMN_OPS_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fvisibility=hidden"]
         include_dirs += pip_cuda_includes()
     cuda = "off"
     if kind is CUDAExtension:
