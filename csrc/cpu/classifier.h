@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -137,6 +136,74 @@ PointCells<acc_t> point_cells(const Classifier<scalar_t>& cls, const ImagePoint<
   return pc;
 }
 
+// Box r's image (*b) and label (*label, 0 without labels); false where its batch index or label
+// is out of range, or its extents are not finite: its points get NaN outputs and no gradient.
+template <typename scalar_t, typename acc_t>
+bool box_row(const Classifier<scalar_t>& cls, const BoxGrid<acc_t>& source, int64_t r, int64_t* b, int64_t* label) {
+  *label = 0;
+  bool valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, b) && source.extents_finite(r);
+  if (cls.labels != nullptr) {
+    *label = cls.labels[r * cls.label_stride];
+    valid = valid && *label >= 0 && *label < cls.shape.classes;
+  }
+  return valid;
+}
+
+// The hit cells of every point of a call's source, as point_cells finds them: a list's per point;
+// a box grid's once per grid place (a place's u and v are the same in every box), with each box's
+// image, label and validity (box_row). Built once per call, read by every thread.
+template <typename scalar_t, typename Source>
+class SourceCells;
+
+template <typename scalar_t>
+class SourceCells<scalar_t, PointList<acc_type<scalar_t>>> {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  SourceCells(const Classifier<scalar_t>& cls, const PointList<acc_t>& source) : cls_(cls), source_(source) {}
+
+  // Point p's cells; *point = source(p).
+  PointCells<acc_t> operator()(int64_t p, ImagePoint<acc_t>* point) const {
+    *point = source_(p);
+    return point_cells(cls_, *point, p);
+  }
+
+ private:
+  const Classifier<scalar_t>& cls_;
+  const PointList<acc_t>& source_;
+};
+
+template <typename scalar_t>
+class SourceCells<scalar_t, BoxGrid<acc_type<scalar_t>>> {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  SourceCells(const Classifier<scalar_t>& cls, const BoxGrid<acc_t>& source)
+      : cls_(cls), source_(source), places_(source.points_per_row()) {
+    std::vector<acc_t> us, vs;
+    source.places(&us, &vs);
+    for (int64_t i = 0; i < source.output_height; ++i) {
+      for (int64_t j = 0; j < source.output_width; ++j) {
+        PointCells<acc_t>& pc = places_[i * source.output_width + j];
+        pc = PointCells<acc_t>{};
+        hit_cells(location_weights<acc_t>(us[j], vs[i], cls.shape.grid), &pc);
+      }
+    }
+  }
+
+  // Point p's cells. *point is not set: a box grid's taps come from its box (PointTapper).
+  PointCells<acc_t> operator()(int64_t p, ImagePoint<acc_t>*) const {
+    const int64_t cells = static_cast<int64_t>(places_.size()), r = p / cells;
+    PointCells<acc_t> pc = places_[p - r * cells];
+    pc.valid = box_row(cls_, source_, r, &pc.b, &pc.label);
+    if (!pc.valid) pc.count = 0;
+    return pc;
+  }
+
+ private:
+  const Classifier<scalar_t>& cls_;
+  const BoxGrid<acc_t>& source_;
+  std::vector<PointCells<acc_t>> places_;  // (oh * ow), valid unset
+};
+
 // A dot product with a fixed summation order (16 interleaved partial sums, then the tail), so
 // that results do not depend on how the compiler vectorises or on alignment.
 template <typename acc_t>
@@ -168,18 +235,16 @@ struct BlockBuffers {
   std::vector<acc_t> scores;  // (points, 4, M)
 };
 
-// Points [start, start + count) of `source`: their cells, and (`with_scores`) the scores
-// scores[(i * 4 + u) * M + m] of their hit cells u, bias plus every layer in order.
+// Points [start, start + count) of `source`: their cells (`cells`, the source's SourceCells), and
+// (`with_scores`) the scores scores[(i * 4 + u) * M + m] of their hit cells u, bias plus every
+// layer in order.
 template <typename scalar_t, typename Source>
-void block_scores(const Classifier<scalar_t>& cls, const Source& source, int64_t start,
-                  int64_t count, bool with_scores, BlockBuffers<acc_type<scalar_t>>& buf) {
+void block_scores(const Classifier<scalar_t>& cls, const Source& source, const SourceCells<scalar_t, Source>& cells,
+                  int64_t start, int64_t count, bool with_scores, BlockBuffers<acc_type<scalar_t>>& buf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t outputs = cls.shape.outputs;
   const int64_t per_row = source.points_per_row();
-  for (int64_t i = 0; i < count; ++i) {
-    buf.points[i] = source(start + i);
-    buf.cells[i] = point_cells(cls, buf.points[i], (start + i) / per_row);
-  }
+  for (int64_t i = 0; i < count; ++i) buf.cells[i] = cells(start + i, &buf.points[i]);
   if (!with_scores) return;
   buf.scores.resize(count * 4 * outputs);
   for (int64_t i = 0; i < count; ++i) {
@@ -218,9 +283,9 @@ void block_scores(const Classifier<scalar_t>& cls, const Source& source, int64_t
       for (int64_t i = 0; i < count; ++i) {
         const PointCells<acc_t>& pc = buf.cells[i];
         if (!pc.valid) continue;
-        if constexpr (std::is_same_v<Source, PointList<acc_t>>) {  // a point: one group of taps
-          add_group(i, pc, sample_taps<acc_t>(map, buf.points[i].x, buf.points[i].y, cls.padding, pc.b, stride_b,
-                                              stride_h, channels));
+        if (source.one_group()) {  // a point, or a grid cell of one sample
+          add_group(i, pc, buf.tapper.single(source, start + i, buf.points[i], map, l, cls.padding, pc.b, stride_b,
+                                             stride_h, channels));
         } else {  // a box grid's cell: the groups of its samples, in order
           buf.groups.clear();
           buf.tapper.append(source, start + i, buf.points[i], map, l, cls.padding, pc.b, stride_b, stride_h,
@@ -297,19 +362,6 @@ struct BoxLayerTaps {
     distinct_indices(box.along_x, map.width, &columns, &slots);
   }
 };
-
-// Box r's image (*b) and label (*label, 0 without labels); false where its batch index or label
-// is out of range, or its extents are not finite: its points get NaN outputs and no gradient.
-template <typename scalar_t, typename acc_t>
-bool box_row(const Classifier<scalar_t>& cls, const BoxGrid<acc_t>& source, int64_t r, int64_t* b, int64_t* label) {
-  *label = 0;
-  bool valid = batch_index<acc_t>(source.boxes[5 * r], cls.batch, b) && source.extents_finite(r);
-  if (cls.labels != nullptr) {
-    *label = cls.labels[r * cls.label_stride];
-    valid = valid && *label >= 0 && *label < cls.shape.classes;
-  }
-  return valid;
-}
 
 // The cells a grid row at relative height v can hit: those of its one or two rows of the K x K
 // grid, one contiguous run [first, end) of cells (and so of score channels).

@@ -166,6 +166,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
   const bool sigmoid_scores = cls.activation == kActivationSigmoid;
   if (sigmoid_scores) project_layers(cls, features);
 
+  const SourceCells<scalar_t, Source> cells(cls, source);
   // dL/ds[p][u][m] of every point and hit cell: zero for invalid points.
   std::vector<acc_t> grad_scores(count * 4 * outputs, acc_t(0));
   const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
@@ -173,7 +174,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     BlockBuffers<acc_t> buf(std::min(kPointBlock, end - begin));
     for (int64_t start = begin; start < end; start += kPointBlock) {
       const int64_t n = std::min(kPointBlock, end - start);
-      block_scores(cls, source, start, n, sigmoid_scores, buf);
+      block_scores(cls, source, cells, start, n, sigmoid_scores, buf);
       for (int64_t i = 0; i < n; ++i) {
         const PointCells<acc_t>& pc = buf.cells[i];
         if (!pc.valid) continue;
@@ -192,11 +193,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
       }
     }
   });
-  const auto point_cells_at = [&](int64_t p, ImagePoint<acc_t>* point) {
-    *point = source(p);
-    return point_cells(cls, *point, p / per_row);
-  };
-
   // grad_bias rows: each row (a box, or a point) sums its points in order.
   at::Tensor grad_bias_acc =
       at::zeros({source.rows(), shape.cells, outputs}, features[0].options().dtype(acc));
@@ -204,7 +200,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
   at::parallel_for(0, source.rows(), std::max<int64_t>(kPointBlock / per_row, 1), [&](int64_t r0, int64_t r1) {
     for (int64_t p = r0 * per_row; p < r1 * per_row; ++p) {
       ImagePoint<acc_t> point;
-      const PointCells<acc_t> pc = point_cells_at(p, &point);
+      const PointCells<acc_t> pc = cells(p, &point);
       const acc_t* d = grad_scores.data() + p * 4 * outputs;
       for (int64_t u = 0; u < pc.count; ++u)
         for (int64_t m = 0; m < outputs; ++m)
@@ -257,7 +253,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     PointTapper<acc_t> tapper;
     for (int64_t p = 0; p < count; ++p) {
       ImagePoint<acc_t> point;
-      const PointCells<acc_t> pc = point_cells_at(p, &point);
+      const PointCells<acc_t> pc = cells(p, &point);
       if (!pc.valid) continue;
       taps.clear();
       tapper.append(source, p, point, map, block.layer, cls.padding, pc.b, map.stride_b, map.stride_h, map.stride_w,

@@ -31,11 +31,12 @@ void fused_forward(Classifier<scalar_t>& cls, at::TensorList features, const Sou
   using acc_t = acc_type<scalar_t>;
   project_layers(cls, features);
   const int64_t outputs = cls.shape.outputs;
+  const SourceCells<scalar_t, Source> cells(cls, source);
   at::parallel_for(0, source.size(), kPointBlock, [&](int64_t begin, int64_t end) {
     BlockBuffers<acc_t> buf(std::min(kPointBlock, end - begin));
     for (int64_t start = begin; start < end; start += kPointBlock) {
       const int64_t count = std::min(kPointBlock, end - start);
-      block_scores(cls, source, start, count, true, buf);
+      block_scores(cls, source, cells, start, count, true, buf);
       for (int64_t i = 0; i < count; ++i) {
         const PointCells<acc_t>& pc = buf.cells[i];
         scalar_t* o = out + layout.offset(start + i);

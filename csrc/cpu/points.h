@@ -45,6 +45,8 @@ struct PointList {
   int64_t size() const { return count; }
   int64_t rows() const { return count; }
   int64_t points_per_row() const { return 1; }
+  // Whether every point's taps are one group of four (PointTapper::single).
+  bool one_group() const { return true; }
 
   ImagePoint<acc_t> operator()(int64_t p) const {
     const acc_t* row = points + 3 * p;
@@ -77,6 +79,7 @@ struct BoxGrid {
   int64_t size() const { return count * output_height * output_width; }
   int64_t rows() const { return count; }
   int64_t points_per_row() const { return output_height * output_width; }
+  bool one_group() const { return sampling.single(); }
 
   // Whether box r's extents are finite (its batch index aside).
   bool extents_finite(int64_t r) const {

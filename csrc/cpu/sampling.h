@@ -173,23 +173,25 @@ struct BoxTaps {
     along_x.set(box[1], box[3], map.scale_x, grid.output_width, map.width, grid.sampling);
   }
 
-  // Grid point (i, j)'s taps, as groups of four with offsets base + y * stride_h + x * stride_w,
-  // appended to *out.
+  // Grid point (i, j)'s group of its y taps a, a + 1 and x taps c, c + 1, with offsets
+  // base + y * stride_h + x * stride_w.
+  SampleTaps<acc_t> group(int64_t i, int64_t j, int64_t a, int64_t c, int64_t base, int64_t stride_h,
+                          int64_t stride_w) const {
+    const int64_t* ys = along_y.index.data() + i * along_y.taps + a;
+    const acc_t* wy = along_y.weight.data() + i * along_y.taps + a;
+    const int64_t* xs = along_x.index.data() + j * along_x.taps + c;
+    const acc_t* wx = along_x.weight.data() + j * along_x.taps + c;
+    const int64_t top = base + ys[0] * stride_h, bottom = base + ys[1] * stride_h;
+    const int64_t left = xs[0] * stride_w, right = xs[1] * stride_w;
+    return SampleTaps<acc_t>{{top + left, top + right, bottom + left, bottom + right},
+                             {wy[0] * wx[0], wy[0] * wx[1], wy[1] * wx[0], wy[1] * wx[1]}};
+  }
+
+  // Grid point (i, j)'s taps, as groups of four, appended to *out.
   void groups(int64_t i, int64_t j, int64_t base, int64_t stride_h, int64_t stride_w,
               std::vector<SampleTaps<acc_t>>* out) const {
-    const int64_t ty = along_y.taps, tx = along_x.taps;
-    const int64_t* ys = along_y.index.data() + i * ty;
-    const acc_t* wy = along_y.weight.data() + i * ty;
-    const int64_t* xs = along_x.index.data() + j * tx;
-    const acc_t* wx = along_x.weight.data() + j * tx;
-    for (int64_t a = 0; a < ty; a += 2) {
-      const int64_t top = base + ys[a] * stride_h, bottom = base + ys[a + 1] * stride_h;
-      for (int64_t c = 0; c < tx; c += 2) {
-        const int64_t left = xs[c] * stride_w, right = xs[c + 1] * stride_w;
-        out->push_back(SampleTaps<acc_t>{{top + left, top + right, bottom + left, bottom + right},
-                                         {wy[a] * wx[c], wy[a] * wx[c + 1], wy[a + 1] * wx[c], wy[a + 1] * wx[c + 1]}});
-      }
-    }
+    for (int64_t a = 0; a < along_y.taps; a += 2)
+      for (int64_t c = 0; c < along_x.taps; c += 2) out->push_back(group(i, j, a, c, base, stride_h, stride_w));
   }
 };
 
@@ -204,24 +206,51 @@ struct PointTapper {
 
   // Point p (`point` = source(p), in image b) on layer `l`'s map.
   template <typename scalar_t>
-  void append(const PointList<acc_t>&, int64_t, const ImagePoint<acc_t>& point, const FeatureMap<scalar_t>& map,
-              int64_t, int64_t padding, int64_t b, int64_t stride_b, int64_t stride_h, int64_t stride_w,
+  void append(const PointList<acc_t>& list, int64_t p, const ImagePoint<acc_t>& point, const FeatureMap<scalar_t>& map,
+              int64_t l, int64_t padding, int64_t b, int64_t stride_b, int64_t stride_h, int64_t stride_w,
               std::vector<SampleTaps<acc_t>>* out) {
-    out->push_back(sample_taps<acc_t>(map, point.x, point.y, padding, b, stride_b, stride_h, stride_w));
+    out->push_back(single(list, p, point, map, l, padding, b, stride_b, stride_h, stride_w));
   }
 
   template <typename scalar_t>
   void append(const BoxGrid<acc_t>& grid, int64_t p, const ImagePoint<acc_t>&, const FeatureMap<scalar_t>& map,
               int64_t l, int64_t, int64_t b, int64_t stride_b, int64_t stride_h, int64_t stride_w,
               std::vector<SampleTaps<acc_t>>* out) {
+    int64_t i, j;
+    locate(grid, p, map, l, &i, &j);
+    box.groups(i, j, b * stride_b, stride_h, stride_w, out);
+  }
+
+  // The one group of point p's taps, where the source's points have one each (one_group()).
+  template <typename scalar_t>
+  SampleTaps<acc_t> single(const PointList<acc_t>&, int64_t, const ImagePoint<acc_t>& point,
+                           const FeatureMap<scalar_t>& map, int64_t, int64_t padding, int64_t b, int64_t stride_b,
+                           int64_t stride_h, int64_t stride_w) {
+    return sample_taps<acc_t>(map, point.x, point.y, padding, b, stride_b, stride_h, stride_w);
+  }
+
+  template <typename scalar_t>
+  SampleTaps<acc_t> single(const BoxGrid<acc_t>& grid, int64_t p, const ImagePoint<acc_t>&,
+                           const FeatureMap<scalar_t>& map, int64_t l, int64_t, int64_t b, int64_t stride_b,
+                           int64_t stride_h, int64_t stride_w) {
+    int64_t i, j;
+    locate(grid, p, map, l, &i, &j);
+    return box.group(i, j, 0, 0, b * stride_b, stride_h, stride_w);
+  }
+
+ private:
+  // Box grid point p's grid row *i and column *j; `box` holds its box's taps on layer l.
+  template <typename scalar_t>
+  void locate(const BoxGrid<acc_t>& grid, int64_t p, const FeatureMap<scalar_t>& map, int64_t l, int64_t* i,
+              int64_t* j) {
     const int64_t cells = grid.points_per_row(), r = p / cells;
-    const int64_t i = (p - r * cells) / grid.output_width, j = p - r * cells - i * grid.output_width;
+    *i = (p - r * cells) / grid.output_width;
+    *j = p - r * cells - *i * grid.output_width;
     if (r != row || l != layer) {
       box.set(grid, r, map);
       row = r;
       layer = l;
     }
-    box.groups(i, j, b * stride_b, stride_h, stride_w, out);
   }
 };
 
