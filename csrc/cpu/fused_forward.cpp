@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -121,6 +122,8 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
         continue;
       }
       with_two_taps(two, [&](auto two_taps) {
+        // Two taps a line: the loops below take both taps in one pass, their weights in registers.
+        constexpr bool pairs = std::is_same_v<decltype(two_taps), std::true_type>;
         for (int64_t i = i0; i < i1; ++i) {
           scalar_t* row_out = box_out + i * layout.i_stride;
           const CellRun run = row_cells(vs[i], shape.grid);
@@ -141,11 +144,19 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
             for (size_t s = 0; s < t.columns.size(); ++s) {
               const int64_t column = t.columns[s] * channels;
               acc_t* to = t.line.data() + s * width;
+              if constexpr (pairs) {
+                const acc_t w0 = weights[0], w1 = weights[1];
+                const acc_t* upper = map_rows[0] + column;
+                const acc_t* lower = map_rows[1] + column;
 #pragma omp simd
-              for (int64_t k = 0; k < width; ++k) {
-                acc_t value = weights[0] * map_rows[0][column + k];
-                for (int64_t a = 1; a < ty; ++a) value += weights[a] * map_rows[a][column + k];
-                to[k] = value;
+                for (int64_t k = 0; k < width; ++k) to[k] = w0 * upper[k] + w1 * lower[k];
+              } else {
+#pragma omp simd
+                for (int64_t k = 0; k < width; ++k) {
+                  acc_t value = weights[0] * map_rows[0][column + k];
+                  for (int64_t a = 1; a < ty; ++a) value += weights[a] * map_rows[a][column + k];
+                  to[k] = value;
+                }
               }
             }
           }
@@ -175,12 +186,20 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
               }
               for (int64_t m = 0; m < outputs; ++m) scores[m] = bias_at(r, pc.cell[u], m);
               for (size_t l = 0; l < layers; ++l) {  // several scores: each layer's M taps as vectors
-                const int64_t tx = two_taps ? 2 : x_taps[l];
-                for (int64_t t = 0; t < tx; ++t) {
-                  const acc_t* tap = lines[l] + tap_offsets[l][j * tx + t] + k0;
-                  const acc_t w = wx[l][j * tx + t];
+                if constexpr (pairs) {
+                  const acc_t* left = lines[l] + tap_offsets[l][j * 2] + k0;
+                  const acc_t* right = lines[l] + tap_offsets[l][j * 2 + 1] + k0;
+                  const acc_t w0 = wx[l][j * 2], w1 = wx[l][j * 2 + 1];
 #pragma omp simd
-                  for (int64_t m = 0; m < outputs; ++m) scores[m] += w * tap[m];
+                  for (int64_t m = 0; m < outputs; ++m) scores[m] += w0 * left[m] + w1 * right[m];
+                } else {
+                  const int64_t tx = x_taps[l];
+                  for (int64_t t = 0; t < tx; ++t) {
+                    const acc_t* tap = lines[l] + tap_offsets[l][j * tx + t] + k0;
+                    const acc_t w = wx[l][j * tx + t];
+#pragma omp simd
+                    for (int64_t m = 0; m < outputs; ++m) scores[m] += w * tap[m];
+                  }
                 }
               }
               for (int64_t m = 0; m < outputs; ++m)
