@@ -189,6 +189,9 @@ class SourceCells<scalar_t, BoxGrid<acc_type<scalar_t>>> {
     }
   }
 
+  // The cells of grid row i, column j (in any box: valid, b and label unset).
+  const PointCells<acc_t>& place(int64_t i, int64_t j) const { return places_[i * source_.output_width + j]; }
+
   // Point p's cells. *point is not set: a box grid's taps come from its box (PointTapper).
   PointCells<acc_t> operator()(int64_t p, ImagePoint<acc_t>*) const {
     const int64_t cells = static_cast<int64_t>(places_.size()), r = p / cells;

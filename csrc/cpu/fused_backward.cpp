@@ -31,17 +31,18 @@ using FusedGrads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, 
 // one fixed order whatever the thread count.
 template <typename scalar_t>
 void scatter_score_grads(const Classifier<scalar_t>& cls, const PointList<acc_type<scalar_t>>& source,
+                         const SourceCells<scalar_t, PointList<acc_type<scalar_t>>>& cells,
                          const std::vector<int64_t>& projected, const acc_type<scalar_t>* grad_scores,
                          std::vector<at::Tensor>& grad_score_maps) {
   using acc_t = acc_type<scalar_t>;
   const int64_t bands = at::get_num_threads();
   const int64_t channels = cls.score_channels(), outputs = cls.shape.outputs;
-  const int64_t count = source.size(), per_row = source.points_per_row();
+  const int64_t count = source.size();
   at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
     for (int64_t band = band0; band < band1; ++band) {
       for (int64_t p = 0; p < count; ++p) {
-        const ImagePoint<acc_t> point = source(p);
-        const PointCells<acc_t> pc = point_cells(cls, point, p / per_row);
+        ImagePoint<acc_t> point;
+        const PointCells<acc_t> pc = cells(p, &point);
         if (!pc.valid) continue;
         const acc_t* d = grad_scores + p * 4 * outputs;
         for (int64_t l : projected) {
@@ -75,10 +76,11 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const PointList<acc_ty
 // weighted along y. With the default sampling a point costs two multiply-adds per hit cell and
 // output instead of its taps and eight. Bands of map rows are the work items; each takes the
 // blocks of kBoxRows grid rows, in each the boxes, and in each box the block's rows, in order, so
-// each element sums in one fixed order whatever the thread count. A block's hit cells (the same
-// for every box) are found once per block and band.
+// each element sums in one fixed order whatever the thread count. The points' hit cells are the
+// grid's (`cells`, found once per call).
 template <typename scalar_t>
 void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type<scalar_t>>& source,
+                         const SourceCells<scalar_t, BoxGrid<acc_type<scalar_t>>>& cells,
                          const std::vector<int64_t>& projected, const acc_type<scalar_t>* grad_scores,
                          std::vector<at::Tensor>& grad_score_maps) {
   using acc_t = acc_type<scalar_t>;
@@ -89,12 +91,11 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
   at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
     std::vector<acc_t> us, vs;
     source.places(&us, &vs);
-    std::vector<PointCells<acc_t>> cells(kBoxRows * ow);  // the block's grid places
     BoxLayerTaps<acc_t> t;
     // Grid row i of box r (image b, label) on layer l, whose taps `t` holds, into the map rows of
-    // [y_begin, y_end); the block of rows starts at i0.
-    const auto add_row = [&](int64_t l, int64_t r, int64_t b, int64_t label, int64_t i, int64_t i0,
-                             int64_t y_begin, int64_t y_end, auto two) {
+    // [y_begin, y_end).
+    const auto add_row = [&](int64_t l, int64_t r, int64_t b, int64_t label, int64_t i, int64_t y_begin,
+                             int64_t y_end, auto two) {
       const FeatureMap<scalar_t>& map = cls.maps[l];
       const int64_t ty = two ? 2 : t.box.along_y.taps, tx = two ? 2 : t.box.along_x.taps;
       const int64_t* ys = t.box.along_y.index.data() + i * ty;
@@ -106,7 +107,7 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
       const int64_t width = (run.end - run.first) * outputs;
       t.line.assign(t.columns.size() * width, acc_t(0));
       for (int64_t j = 0; j < ow; ++j) {
-        const PointCells<acc_t>& pc = cells[(i - i0) * ow + j];
+        const PointCells<acc_t>& pc = cells.place(i, j);
         const acc_t* d = grad_scores + ((r * oh + i) * ow + j) * 4 * outputs;
         for (int64_t x = 0; x < tx; ++x) {
           const acc_t wx = t.box.along_x.weight[j * tx + x];
@@ -134,9 +135,6 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
     for (int64_t band = band0; band < band1; ++band) {
       for (int64_t i0 = 0; i0 < oh; i0 += kBoxRows) {
         const int64_t i1 = std::min(i0 + kBoxRows, oh);
-        for (int64_t i = i0; i < i1; ++i)  // u and v do not depend on the box
-          for (int64_t j = 0; j < ow; ++j)
-            hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &cells[(i - i0) * ow + j]);
         for (int64_t r = 0; r < source.rows(); ++r) {
           int64_t b = 0, label = 0;
           if (!box_row(cls, source, r, &b, &label)) continue;  // its points have no gradient
@@ -145,7 +143,7 @@ void scatter_score_grads(const Classifier<scalar_t>& cls, const BoxGrid<acc_type
             t.set(source, r, cls.maps[l]);
             with_two_taps(t.box.along_x.taps == 2 && t.box.along_y.taps == 2, [&](auto two) {
               for (int64_t i = i0; i < i1; ++i)
-                add_row(l, r, b, label, i, i0, height * band / bands, height * (band + 1) / bands, two);
+                add_row(l, r, b, label, i, height * band / bands, height * (band + 1) / bands, two);
             });
           }
         }
@@ -231,7 +229,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> fused_b
     grad_score_maps[l] = at::zeros({map.batch, map.height, map.width, cls.score_channels()},
                                    features[0].options().dtype(acc));
   }
-  if (!projected.empty()) scatter_score_grads(cls, source, projected, grad_scores.data(), grad_score_maps);
+  if (!projected.empty()) scatter_score_grads(cls, source, cells, projected, grad_scores.data(), grad_score_maps);
   for (int64_t l : projected) {
     project_grad_features(grad_score_maps[l], cls.weight_rows(l), grad_features[l]);
     project_grad_weights(grad_score_maps[l], features[l], grad_weight_rows[l]);

@@ -59,9 +59,10 @@ void fused_forward(Classifier<scalar_t>& cls, at::TensorList features, const Sou
 // A box's grid is separable (BoxTaps: a grid column has its x taps and u, a grid row its y taps
 // and v): per box, every layer's taps are found once; per grid row, each layer's score maps are
 // interpolated along y at the distinct map columns the grid reads, for the cells the row can
-// hit; each point then takes its x taps per layer and cell (two with the default sampling). Work
-// items are (block of rows, box), so that a thread finds a block's hit cells once for all boxes;
-// a point's sums do not depend on the item it is in.
+// hit; each point then takes its x taps per layer and cell (two with the default sampling), and
+// its hit cells from the grid's (SourceCells, found once per call). Work items are (box, block of
+// rows), so that a thread finds a box's taps once for its blocks; a point's sums do not depend on
+// the item it is in.
 template <typename scalar_t>
 void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
                        const BoxGrid<acc_type<scalar_t>>& source, scalar_t* out,
@@ -78,11 +79,10 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
                                : acc_t(cls.bias[r * cls.bias_stride[0] + cell * cls.bias_stride[1] +
                                                 m * cls.bias_stride[2]]);
   };
+  const SourceCells<scalar_t, BoxGrid<acc_t>> cells(cls, source);
   at::parallel_for(0, source.rows() * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> us, vs, scores(outputs), values(outputs);
     source.places(&us, &vs);
-    std::vector<PointCells<acc_t>> block_cells(kBoxRows * ow);
-    int64_t cells_block = -1;
     std::vector<BoxLayerTaps<acc_t>> taps(layers);
     std::vector<const acc_t*> lines(layers), wx(layers), wy(layers), map_rows;
     std::vector<int64_t> x_taps(layers), y_taps(layers);
@@ -91,7 +91,7 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
     int64_t taps_box = -1, b = 0, label = 0;
     bool box_valid = false, two = true;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item / source.rows(), r = item - block * source.rows();
+      const int64_t r = item / row_blocks, block = item - r * row_blocks;
       const int64_t i0 = block * kBoxRows, i1 = std::min(i0 + kBoxRows, oh);
       if (r != taps_box) {
         taps_box = r;
@@ -105,12 +105,6 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
           wy[l] = taps[l].box.along_y.weight.data();
           two = two && x_taps[l] == 2 && y_taps[l] == 2;
         }
-      }
-      if (block != cells_block) {  // u and v do not depend on the box
-        cells_block = block;
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = 0; j < ow; ++j)
-            hit_cells(location_weights<acc_t>(us[j], vs[i], shape.grid), &block_cells[(i - i0) * ow + j]);
       }
       scalar_t* box_out = out + r * layout.row_stride;
       if (!box_valid) {
@@ -169,7 +163,7 @@ void box_fused_forward(Classifier<scalar_t>& cls, at::TensorList features,
           }
           for (int64_t j = 0; j < ow; ++j) {
             scalar_t* o = row_out + j * layout.j_stride;
-            const PointCells<acc_t>& pc = block_cells[(i - i0) * ow + j];
+            const PointCells<acc_t>& pc = cells.place(i, j);
             std::fill(values.begin(), values.end(), acc_t(0));
             for (int64_t u = 0; u < pc.count; ++u) {
               const int64_t k0 = pc.cell[u] * outputs;

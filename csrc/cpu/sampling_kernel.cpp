@@ -2,9 +2,10 @@
 //
 // Forward: parallel over blocks of points; per block and layer the bilinear taps are computed
 // once per point, then every channel is gathered with them (no copy of the features, but for a
-// channels_last copy of a small NCHW map read by many points). box_hypercolumn on planar (NCHW-like) maps, and wherever its cells average
-// several samples (sampling_ratio, aligned=false), instead goes box by box, channel plane by
-// channel plane, in the output's order, using the separability of a box grid.
+// channels_last copy of a small NCHW map read by many points). box_hypercolumn on planar
+// (NCHW-like) maps, and wherever its cells average several samples (sampling_ratio,
+// aligned=false), instead goes box by box, channel plane by channel plane, in the output's order,
+// using the separability of a box grid.
 // Backward: parallel over channel blocks of each layer; an item scatters all points, in order,
 // into a float accumulator of its channels and writes that into the gradient, so each gradient
 // element has one writer and a fixed summation order.
